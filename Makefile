@@ -1,0 +1,34 @@
+# make demo: install, then prepare -> train -> caption on the built-in shapes set (offline).
+# make test: install, then the test suite (offline).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := data/demo
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo: install
+	$(PY) dataloader.py --source shapes --coco_dir $(DEMO)/shapes_coco --save_path $(DEMO)/processed \
+		--encoder_model tiny --decoder_model tiny --val_size 50 --test_size 100 --overwrite --quiet
+	$(PY) train.py --data_path $(DEMO)/processed --output_dir $(DEMO)/model --overwrite \
+		--epochs 40 --batch_size 16 --lr 1e-3 --warmup_steps 50 --run_name demo --quiet
+	$(PY) inference.py --model_path $(DEMO)/model \
+		--image_path $(DEMO)/shapes_coco/val2014/COCO_val2014_000000500000.jpg \
+		$(DEMO)/shapes_coco/val2014/COCO_val2014_000000500001.jpg \
+		$(DEMO)/shapes_coco/val2014/COCO_val2014_000000500002.jpg
+	$(PY) -c "import json; m = json.load(open('$(DEMO)/model/metrics.json'))['test']; \
+		print('test BLEU-4 %.4f  CIDEr %.3f  (from $(DEMO)/model/metrics.json)' % (m['bleu4'], m['cider']))"
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) data runs

@@ -1,0 +1,246 @@
+"""Caption images with a trained (or published) ViT + GPT-2 VisionEncoderDecoderModel.
+
+    python inference.py --image_path photo.jpg
+    python inference.py --image_path https://example.com/cat.jpg --model_path ./image_captioning_model
+    python inference.py --image_path ./photos/ "more/*.png" --json captions.json
+
+One image prints just its caption; several print `source<TAB>caption` lines in input order.
+A bad input (missing file, not an image, 404, timeout, too large) gets one line on stderr and
+the others are still captioned. Exit code: 0 all captioned, 1 some failed, 2 usage error.
+Decoding defaults come from the model's own generation_config.
+"""
+
+import argparse
+import glob
+import io
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_REDIRECTS = 5
+
+
+class InputError(Exception):
+    """One input could not be turned into an image; the message names why."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def expand_sources(values):
+    """Each value: URL, file, directory (its images, sorted) or glob -> flat list of sources.
+    A value that matches nothing is kept, so that it is reported as missing."""
+    sources = []
+    for value in values:
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
+            sources.append(value)
+        elif os.path.isdir(value):
+            sources += sorted(os.path.join(value, f) for f in os.listdir(value)
+                              if f.lower().endswith(IMAGE_EXTENSIONS))
+        elif not os.path.exists(value) and glob.has_magic(value):
+            sources += sorted(glob.glob(value)) or [value]
+        else:
+            sources.append(value)
+    return sources
+
+
+class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
+    max_redirections = MAX_REDIRECTS
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise InputError(f"redirect to a non-http(s) URL: {newurl}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_url(url, timeout, max_bytes):
+    """GET an http(s) URL -> bytes, with a timeout per connect/read, at most 5 redirects and
+    a size cap, so one bad server cannot hang or exhaust the run."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise InputError("only http(s) URLs are supported")
+    opener = urllib.request.build_opener(_LimitedRedirects())
+    request = urllib.request.Request(url, headers={"User-Agent": "image-captioning/1.0"})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise InputError(f"larger than the {max_bytes // 2**20} MB limit")
+            body = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        if e.code in (301, 302, 303, 307, 308):
+            raise InputError(f"more than {MAX_REDIRECTS} redirects") from None
+        raise InputError(f"HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise InputError(f"cannot fetch: {e.reason}") from None
+    except (TimeoutError, OSError) as e:
+        raise InputError(f"cannot fetch: {e or 'timed out'}") from None
+    if len(body) > max_bytes:
+        raise InputError(f"larger than the {max_bytes // 2**20} MB limit")
+    return body
+
+
+def load_source(source, timeout, max_bytes):
+    """URL or path -> RGB PIL image, or InputError with a one-line reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    from captioning import open_image, to_rgb
+
+    if "://" in source:
+        data = fetch_url(source, timeout, max_bytes)
+        if data.lstrip()[:15].lower().startswith((b"<!doctype", b"<html")):
+            raise InputError("the URL returned an HTML page, not an image")
+        target = data
+    else:
+        if not os.path.exists(source):
+            raise InputError("no such file")
+        if os.path.isdir(source):
+            raise InputError("is a directory with no images")
+        if os.path.getsize(source) == 0:
+            raise InputError("empty file")
+        target = source
+    try:
+        return to_rgb(open_image(target))
+    except UnidentifiedImageError:
+        raise InputError("not an image") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"refused as a decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise InputError(f"unreadable image: {e}") from None
+
+
+# ----------------------------------------------------------------------------- captioning
+
+def load_captioner(model_path, device):
+    """A VisionEncoderDecoderModel directory or Hub id -> (model, tokenizer, processor)."""
+    import torch
+    from transformers import VisionEncoderDecoderModel
+
+    from captioning import load_image_processor, load_tokenizer, quiet_transformers
+
+    quiet_transformers()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = VisionEncoderDecoderModel.from_pretrained(model_path).to(device).eval()
+    return model, load_tokenizer(model_path), load_image_processor(model_path)
+
+
+def caption_images(images, model, tokenizer, processor, **generate_kwargs):
+    """PIL images -> captions, one generate call for the whole batch."""
+    import torch
+
+    from captioning import pixels_from_images
+
+    pixels = pixels_from_images(images, processor).to(model.device)
+    with torch.inference_mode():
+        out = model.generate(pixel_values=pixels, **generate_kwargs)
+    return [" ".join(t.split()) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def coco_image_id(source):
+    """COCO_val2014_000000391895.jpg -> 391895 (None for other names)."""
+    match = re.search(r"(\d{6,})\.\w+$", os.path.basename(source))
+    return int(match.group(1)) if match else None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image_path", nargs="+", required=True,
+                   help="one or more http(s) URLs, image files, directories or globs")
+    p.add_argument("--model_path", default="./image_captioning_model",
+                   help="trained model directory (train.py's --output_dir) or a Hub id")
+    p.add_argument("--num_beams", type=int, default=None,
+                   help="beam width (default: the model's generation_config)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="longest caption in tokens (default: the model's generation_config)")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=None,
+                   help="forbid repeating n-grams of this size")
+    p.add_argument("--length_penalty", type=float, default=None,
+                   help="beam search length penalty (>1 favours longer captions)")
+    p.add_argument("--batch_size", type=int, default=16, help="images per generate call")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds allowed for connecting and for each read of a URL")
+    p.add_argument("--max_download_mb", type=float, default=20.0,
+                   help="largest image a URL may return")
+    p.add_argument("--json", default=None, help='also write [{"image", "caption"}] to this file')
+    p.add_argument("--coco_results", default=None,
+                   help='also write [{"image_id", "caption"}] (COCO results format, for '
+                        'metrics.py) to this file; needs COCO-style file names')
+    p.add_argument("--workers", type=int, default=8,
+                   help="threads fetching and decoding images while the model runs")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "workers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.num_beams is not None and args.num_beams < 1:
+        p.error("--num_beams must be at least 1")
+    if args.max_length is not None and args.max_length < 2:
+        p.error("--max_length must be at least 2")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)  # before any heavy import: --help answers at once
+    sources = expand_sources(args.image_path)
+    if not os.path.isdir(args.model_path) and os.path.exists(args.model_path):
+        print(f"inference.py: error: --model_path {args.model_path} is not a directory",
+              file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer, processor = load_captioner(args.model_path, args.device)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"inference.py: error: cannot load model from {args.model_path}: {first}",
+              file=sys.stderr)
+        return 2
+    generate_kwargs = {k: getattr(args, k) for k in
+                       ("num_beams", "max_length", "no_repeat_ngram_size", "length_penalty")
+                       if getattr(args, k) is not None}
+    if args.max_length is not None:
+        generate_kwargs["max_new_tokens"] = generate_kwargs.pop("max_length")
+
+    from tqdm import tqdm
+
+    max_bytes = int(args.max_download_mb * 2**20)
+    results, failed = {}, 0
+    bar = tqdm(total=len(sources), unit="img", file=sys.stderr, disable=len(sources) <= 4)
+    with ThreadPoolExecutor(args.workers) as pool:
+        # Fetching and decoding run ahead in threads while the model captions a batch.
+        futures = [pool.submit(load_source, s, args.timeout, max_bytes) for s in sources]
+        for start in range(0, len(sources), args.batch_size):
+            batch = []
+            for source, future in zip(sources[start:start + args.batch_size],
+                                      futures[start:start + args.batch_size]):
+                try:
+                    batch.append((source, future.result()))
+                except InputError as e:
+                    print(f"{source}: {e}", file=sys.stderr)
+                    failed += 1
+            if batch:
+                captions = caption_images([img for _, img in batch], model, tokenizer,
+                                          processor, **generate_kwargs)
+                results.update(zip([s for s, _ in batch], captions))
+            bar.update(len(sources[start:start + args.batch_size]))
+    bar.close()
+
+    done = [(s, results[s]) for s in sources if s in results]
+    for source, caption in done:
+        print(caption if len(sources) == 1 else f"{source}\t{caption}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"image": s, "caption": c} for s, c in done], f, indent=2)
+    if args.coco_results:
+        with open(args.coco_results, "w") as f:
+            json.dump([{"image_id": coco_image_id(s), "caption": c} for s, c in done
+                       if coco_image_id(s) is not None], f, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny built-in COCO-layout set, prepared data and a briefly trained model,
+all made once per session on real files under a temp dir. Nothing here touches the network."""
+
+import http.server
+import json
+import os
+import sys
+import threading
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dataloader  # noqa: E402
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shapes_coco(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes_coco"))
+    dataloader.make_shapes_coco(root, num_train=60, num_val=30, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared(shapes_coco, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("prep") / "data")
+    rc = dataloader.main(["--source", "coco", "--coco_dir", shapes_coco, "--save_path", out,
+                          "--encoder_model", "tiny", "--decoder_model", "tiny",
+                          "--limit_data", "40", "--val_size", "8", "--test_size", "10",
+                          "--num_proc", "2", "--quiet"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(prepared, tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    out = str(base / "model")
+    rc = train.main(["--data_path", prepared, "--output_dir", out, "--epochs", "2",
+                     "--batch_size", "8", "--lr", "1e-3", "--runs_dir", str(base / "runs"),
+                     "--run_name", "t", "--logging_steps", "1", "--num_beams", "2", "--quiet"])
+    assert rc == 0
+    return out, str(base / "runs" / "t")
+
+
+@pytest.fixture(scope="session")
+def hub_shaped_dirs(tmp_path_factory):
+    """Local folders shaped like the Hub repos google/vit-base-patch16-224-in21k and gpt2:
+    a ViTModel with preprocessor_config.json, and a GPT2LMHeadModel with vocab.json and
+    merges.txt and no pad token, as the real gpt2 repo has."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import (GPT2Config, GPT2LMHeadModel, ViTConfig, ViTImageProcessor,
+                              ViTModel)
+
+    base = tmp_path_factory.mktemp("hub")
+    vit_dir, gpt_dir = str(base / "vit"), str(base / "gpt2")
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=37)).save_pretrained(vit_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit_dir)
+
+    bpe = ByteLevelBPETokenizer()
+    words = [f"{c} {s} in the {p}" for c in dataloader.COLORS for s in dataloader.SHAPES
+             for p in dataloader.POSITIONS]
+    bpe.train_from_iterator(words * 5, vocab_size=600, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    os.makedirs(gpt_dir)
+    bpe.save_model(gpt_dir)
+    vocab = json.load(open(os.path.join(gpt_dir, "vocab.json")))
+    eos = vocab["<|endoftext|>"]
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2,
+                               n_positions=64, bos_token_id=eos, eos_token_id=eos)
+                    ).save_pretrained(gpt_dir)
+    return vit_dir, gpt_dir
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    routes = {}
+
+    def do_GET(self):  # noqa: N802
+        status, body, ctype = self.routes.get(self.path, (404, b"not found", "text/plain"))
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def http_server():
+    """A server on 127.0.0.1 serving `routes[path] = (status, body, content_type)`."""
+    routes = {}
+    handler = type("H", (_Handler,), {"routes": routes})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", routes
+    server.shutdown()
+    server.server_close()

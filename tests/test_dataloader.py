@@ -1,0 +1,125 @@
+"""dataloader.py on real JPEG files in the COCO layout."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import dataloader
+from captioning import load_split, load_tokenizer
+
+
+def test_manifest_counts_and_rows(prepared):
+    m = json.load(open(os.path.join(prepared, "manifest.json")))
+    assert m["encoder_model"] == "tiny" and m["decoder_model"] == "tiny"
+    assert m["rows"] == {"train": 40, "validation": 8, "test": 10}
+    train = m["images"]["train2014"]
+    # 40 kept; in the first candidates some were grayscale (every 20th) or truncated (#7)
+    assert train["kept"] == 40
+    assert train["seen"] == train["kept"] + train["dropped_non_rgb"] + train["dropped_unreadable"]
+    total = m["images"]["total"]
+    assert total["dropped_non_rgb"] >= 1 and total["dropped_unreadable"] == 1
+    for split, n in m["rows"].items():
+        ds = load_split(prepared, split)
+        assert len(ds) == n
+        assert sum(len(c) for c in ds["captions"]) == m["captions"][split]
+
+
+def test_one_uint8_row_per_image_with_all_captions(prepared, shapes_coco):
+    ds = load_split(prepared, "train")
+    row = ds[0]
+    assert row["pixel_values"].dtype == np.uint8 and row["pixel_values"].shape == (3, 64, 64)
+    assert len(set(ds["image_id"])) == len(ds)  # never a row per caption
+    ann = json.load(open(os.path.join(shapes_coco, "annotations", "captions_train2014.json")))
+    refs = {}
+    for a in ann["annotations"]:
+        refs.setdefault(a["image_id"], []).append(" ".join(a["caption"].split()))
+    for image_id, captions in zip(ds["image_id"], ds["captions"]):
+        assert list(captions) == refs[image_id]  # all of them, whitespace-normalised
+
+
+def test_every_caption_ends_with_eos(prepared):
+    tok = load_tokenizer(prepared)
+    assert len(tok) >= 300 and tok.pad_token_id == tok.eos_token_id
+    ds = load_split(prepared, "train")
+    for captions, ids in zip(ds["captions"][:10], ds["caption_ids"][:10]):
+        for text, row in zip(captions, ids):
+            assert row[-1] == tok.eos_token_id and tok.eos_token_id not in row[:-1]
+            assert tok.decode(row[:-1]) == text
+
+
+def test_splits_never_share_an_image(prepared):
+    ids = {s: set(load_split(prepared, s)["image_id"]) for s in ("train", "validation", "test")}
+    assert not ids["train"] & ids["validation"]
+    assert not ids["train"] & ids["test"]
+    assert not ids["validation"] & ids["test"]
+
+
+def test_non_rgb_images_are_dropped(prepared, shapes_coco):
+    from PIL import Image
+
+    for split in ("train", "validation", "test"):
+        for name in load_split(prepared, split)["file_name"]:
+            folder = "train2014" if "train2014" in name else "val2014"
+            with Image.open(os.path.join(shapes_coco, folder, name)) as img:
+                assert img.mode == "RGB"
+
+
+def test_existing_save_path_is_refused_then_overwritten(shapes_coco, tmp_path, capsys):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    args = ["--coco_dir", shapes_coco, "--save_path", str(out), "--encoder_model", "tiny",
+            "--decoder_model", "tiny", "--limit_data", "5", "--val_size", "2",
+            "--test_size", "2", "--num_proc", "1", "--quiet"]
+    assert dataloader.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").exists()
+    assert dataloader.main(args + ["--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--limit_data", "100000"], "--limit_data 100000 is more than"),
+    (["--val_size", "100", "--test_size", "100"], "more than the"),
+])
+def test_impossible_requests_give_one_line(shapes_coco, tmp_path, capsys, extra, message):
+    rc = dataloader.main(["--coco_dir", shapes_coco, "--save_path", str(tmp_path / "d"),
+                          "--encoder_model", "tiny", "--decoder_model", "tiny", "--quiet"] + extra)
+    err = capsys.readouterr().err
+    assert rc == 1 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.listdir(tmp_path)  # nothing half-written left behind
+
+
+def test_missing_annotations_give_one_line(tmp_path, capsys):
+    rc = dataloader.main(["--coco_dir", str(tmp_path / "nope"), "--save_path",
+                          str(tmp_path / "d"), "--encoder_model", "tiny",
+                          "--decoder_model", "tiny", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "captions_train2014.json" in err and "Traceback" not in err
+
+
+def test_decode_image_classifies_bad_files(tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(good)
+    gray = tmp_path / "gray.jpg"
+    Image.new("L", (40, 30), 128).save(gray)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (40, 30), (0, 0, 0, 0)).save(cmyk)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[:200])
+    size = (16, 16)
+    status, pixels = dataloader.decode_image(str(good), size, Image.Resampling.BILINEAR)
+    assert status == "ok" and pixels.shape == (3, 16, 16) and pixels.dtype == np.uint8
+    assert abs(int(pixels[1].mean()) - 200) <= 2
+    assert dataloader.decode_image(str(gray), size, 2)[0] == "non_rgb"
+    assert dataloader.decode_image(str(cmyk), size, 2)[0] == "non_rgb"
+    for bad in (empty, truncated, tmp_path / "missing.jpg"):
+        assert dataloader.decode_image(str(bad), size, 2)[0] == "unreadable"

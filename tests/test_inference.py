@@ -1,0 +1,100 @@
+"""inference.py on real files and a loopback HTTP server."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import inference
+from captioning import to_rgb
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    for i, color in enumerate([(220, 30, 30), (30, 60, 220), (30, 170, 40)]):
+        Image.new("RGB", (80, 60), color).save(d / f"COCO_val2014_{i + 1:012d}.jpg")
+    return d
+
+
+def _jpeg_bytes():
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 100, 0)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_one_image_prints_one_caption(trained, images, capsys):
+    out, _ = trained
+    rc = inference.main(["--image_path", str(images / "COCO_val2014_000000000001.jpg"),
+                         "--model_path", out])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 1 and "\t" not in lines[0]
+
+
+def test_directory_in_sorted_order_with_json_outputs(trained, images, tmp_path, capsys):
+    out, _ = trained
+    rc = inference.main(["--image_path", str(images), "--model_path", out, "--batch_size", "2",
+                         "--json", str(tmp_path / "c.json"),
+                         "--coco_results", str(tmp_path / "r.json")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = sorted(os.listdir(images))
+    assert rc == 0 and [l.split("\t")[0] for l in lines] == [str(images / n) for n in names]
+    assert [r["image_id"] for r in json.load(open(tmp_path / "r.json"))] == [1, 2, 3]
+    assert len(json.load(open(tmp_path / "c.json"))) == 3
+
+
+def test_bad_inputs_one_line_each_others_still_captioned(trained, images, tmp_path,
+                                                         http_server, capsys):
+    out, _ = trained
+    url, routes = http_server
+    routes["/ok.jpg"] = (200, _jpeg_bytes(), "image/jpeg")
+    routes["/page"] = (200, b"<!DOCTYPE html><html><body>hi</body></html>", "text/html")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("this is not an image")
+    (tmp_path / "trunc.jpg").write_bytes(_jpeg_bytes()[:120])
+    good = str(images / "COCO_val2014_000000000002.jpg")
+    bad = [str(tmp_path / "missing.jpg"), str(tmp_path / "empty.jpg"),
+           str(tmp_path / "text.jpg"), str(tmp_path / "trunc.jpg"), f"{url}/404.jpg",
+           f"{url}/page", "ftp://example.invalid/x.jpg"]
+    rc = inference.main(["--image_path", good, f"{url}/ok.jpg"] + bad + ["--model_path", out])
+    captured = capsys.readouterr()
+    err_lines = captured.err.strip().splitlines()
+    assert rc == 1 and "Traceback" not in captured.err
+    assert len(err_lines) == len(bad)
+    for source, line in zip(bad, err_lines):
+        assert line.startswith(source + ":")
+    assert "HTML" in captured.err and "404" in captured.err
+    assert [l.split("\t")[0] for l in captured.out.strip().splitlines()] == [good, f"{url}/ok.jpg"]
+
+
+def test_bad_model_path_is_one_line(tmp_path, images, capsys):
+    rc = inference.main(["--image_path", str(images), "--model_path", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot load model" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F"])
+def test_every_mode_becomes_rgb(mode):
+    rgb = Image.new("RGB", (8, 8), (255, 0, 0))
+    img = rgb.convert(mode) if mode not in ("I;16", "I", "F") else Image.fromarray(
+        (np.arange(64).reshape(8, 8) * 100).astype({"I;16": np.uint16, "I": np.int32,
+                                                     "F": np.float32}[mode]))
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (8, 8)
+    if mode in ("I;16", "I", "F"):  # scaled, not clipped to white
+        arr = np.asarray(out)
+        assert arr.min() == 0 and arr.max() == 255
+
+
+def test_transparent_areas_become_white_and_exif_rotation_applies():
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(rgba)).min() == 255
+    img = Image.new("RGB", (6, 2))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 on display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert to_rgb(Image.open(buf)).size == (2, 6)

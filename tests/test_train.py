@@ -1,0 +1,97 @@
+"""train.py outputs, TensorBoard logs, refusals, and the Hub-shaped real path."""
+
+import json
+import os
+
+import pytest
+
+import dataloader
+import train
+
+
+def test_outputs_load_with_the_auto_classes(trained):
+    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+    out, _ = trained
+    files = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "generation_config.json",
+            "preprocessor_config.json", "tokenizer_config.json", "metrics.json",
+            "test_predictions.json", "test_results_coco.json"} <= files
+    model = VisionEncoderDecoderModel.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    AutoImageProcessor.from_pretrained(out)
+    gc = model.generation_config
+    assert gc.decoder_start_token_id == tok.bos_token_id
+    assert gc.eos_token_id == tok.eos_token_id and gc.pad_token_id == tok.eos_token_id
+    assert gc.num_beams == 2
+
+
+def test_metrics_json_has_epochs_and_test(trained):
+    out, _ = trained
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert [round(e["epoch"]) for e in m["validation"]] == [1, 2]
+    for key in ("bleu1", "bleu4", "meteor", "rougeL", "rouge2", "cider"):
+        assert key in m["test"] and key in m["validation"][-1]
+    preds = json.load(open(os.path.join(out, "test_predictions.json")))
+    assert len(preds) == 10 and all(len(p["references"]) >= 4 for p in preds)
+    assert len({p["image_id"] for p in preds}) == 10  # one caption per image
+
+
+def test_tensorboard_has_loss_and_eval_metrics(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = trained
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "eval/bleu4", "eval/cider",
+            "test/bleu4"} <= tags
+    assert len(acc.Scalars("train/loss")) >= 2
+
+
+def test_non_empty_output_dir_is_refused(prepared, tmp_path, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "precious.bin").write_text("x")
+    rc = train.main(["--data_path", prepared, "--output_dir", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--overwrite" in err and (out / "precious.bin").exists()
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda d: None, "does not exist"),
+    (lambda d: os.makedirs(d), "was not written by dataloader.py"),
+    (lambda d: (os.makedirs(d), open(os.path.join(d, "manifest.json"), "w").write("{")), "not valid JSON"),
+    (lambda d: (os.makedirs(d), open(os.path.join(d, "manifest.json"), "w").write('{"format_version": 99}')), "format_version"),
+])
+def test_bad_data_path_gives_one_line(tmp_path, capsys, make_bad, message):
+    data = str(tmp_path / "data")
+    make_bad(data)
+    rc = train.main(["--data_path", data, "--output_dir", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_hub_shaped_model_dirs_train_and_reload(hub_shaped_dirs, shapes_coco, tmp_path):
+    """The real path with no network: from_encoder_decoder_pretrained on folders shaped like
+    the Hub repos, and GPT-2's missing pad token fixed."""
+    from transformers import AutoTokenizer, VisionEncoderDecoderModel
+
+    vit_dir, gpt_dir = hub_shaped_dirs
+    assert "pad_token" not in json.dumps(json.load(open(os.path.join(gpt_dir, "config.json"))))
+    data = str(tmp_path / "data")
+    assert dataloader.main(["--coco_dir", shapes_coco, "--save_path", data,
+                            "--encoder_model", vit_dir, "--decoder_model", gpt_dir,
+                            "--limit_data", "12", "--val_size", "4", "--test_size", "4",
+                            "--num_proc", "1", "--quiet"]) == 0
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    assert manifest["encoder_model"] == vit_dir and manifest["image_size"] == [32, 32]
+    out = str(tmp_path / "model")
+    assert train.main(["--data_path", data, "--output_dir", out, "--max_steps", "2",
+                       "--batch_size", "4", "--runs_dir", str(tmp_path / "runs"),
+                       "--num_beams", "1", "--quiet"]) == 0
+    model = VisionEncoderDecoderModel.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
+    assert model.config.decoder.add_cross_attention and model.config.decoder.is_decoder
+    assert model.generation_config.decoder_start_token_id == tok.bos_token_id

@@ -1,0 +1,306 @@
+"""Train the ViT + GPT-2 captioner on data written by dataloader.py.
+
+    python train.py --data_path ./processed_data --epochs 10
+
+The encoder and decoder are the ones dataloader.py recorded in manifest.json. Every epoch
+the model captions each validation image once (generation settings from
+model.generation_config) and is scored against all of that image's references; the best
+epoch by --metric_for_best_model is kept. At the end the test split is captioned and scored.
+Written to --output_dir: the model in Hugging Face format (safetensors, config,
+generation_config, tokenizer, preprocessor_config), metrics.json, test_predictions.json and
+test_results_coco.json. TensorBoard logs go to runs/<run_name>/.
+
+Training uses one caption per image per epoch, drawn at random from that image's ~5: pixels
+are stored once per image, and over epochs the model sees every phrasing.
+"""
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from captioning import (FORMAT_VERSION, MANIFEST, SPLITS, build_model, load_image_processor,
+                        load_model_strict, load_split, load_tokenizer, normalize_pixels, quiet_transformers,
+                        read_json, write_json)
+from metrics import compute_caption_metrics
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_manifest(data_path):
+    """The manifest of a dataloader.py output, or ValueError with one readable line."""
+    path = os.path.join(data_path, MANIFEST)
+    if not os.path.isdir(data_path):
+        raise ValueError(f"--data_path {data_path} does not exist; run dataloader.py first")
+    if not os.path.isfile(path):
+        raise ValueError(f"--data_path {data_path} has no {MANIFEST}: it was not written by "
+                         f"dataloader.py (or that run did not finish)")
+    try:
+        manifest = read_json(path)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, this "
+                         f"train.py reads {FORMAT_VERSION}; rerun dataloader.py")
+    for split in SPLITS:
+        if not os.path.isdir(os.path.join(data_path, split)):
+            raise ValueError(f"{data_path} lacks the {split} split named in its manifest")
+    return manifest
+
+
+class CaptionCollator:
+    """Rows of uint8 pixels and tokenised captions -> a model batch.
+
+    Pixels are normalised here with the image processor's mean/std (what the processor
+    itself would do). Labels are padded to the longest caption in the batch with -100, so
+    padding never reaches the loss while the EOS that ends every caption does. GPT-2 pads
+    with EOS, so masking `labels == pad_token_id` would hide that EOS too: mask by length.
+    With sample_caption, each row contributes one caption chosen with Python's `random`
+    (seeded by Trainer, saved in its checkpoints); otherwise the first caption.
+    """
+
+    def __init__(self, processor, sample_caption):
+        self.processor = processor
+        self.sample_caption = sample_caption
+
+    def __call__(self, rows):
+        import torch
+
+        pixels = normalize_pixels(np.stack([row["pixel_values"] for row in rows]), self.processor)
+        captions = [row["caption_ids"][random.randrange(len(row["caption_ids"]))
+                                       if self.sample_caption else 0] for row in rows]
+        labels = torch.full((len(rows), max(len(c) for c in captions)), -100, dtype=torch.long)
+        for i, ids in enumerate(captions):
+            labels[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        return {"pixel_values": pixels, "labels": labels}
+
+
+class CaptionScorer:
+    """compute_metrics for Seq2SeqTrainer: the i-th generated caption belongs to the i-th row
+    of `references` (evaluation runs in dataset order), scored against all its captions."""
+
+    def __init__(self, tokenizer, references):
+        self.tokenizer = tokenizer
+        self.references = references
+        self.last_predictions = None
+
+    def decode(self, token_ids):
+        token_ids = np.where(token_ids < 0, self.tokenizer.pad_token_id, token_ids)
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        return [" ".join(t.split()) for t in texts]
+
+    def __call__(self, eval_pred):
+        predictions = self.decode(eval_pred.predictions)
+        if len(predictions) != len(self.references):
+            raise RuntimeError(f"{len(predictions)} captions for {len(self.references)} images")
+        self.last_predictions = predictions
+        return compute_caption_metrics(predictions, self.references)
+
+
+# ----------------------------------------------------------------------------- training
+
+def _caption_trainer_class():
+    from transformers import Seq2SeqTrainer
+
+    class CaptionTrainer(Seq2SeqTrainer):
+        """Seq2SeqTrainer whose evaluation batches hold each image's first caption (a steady
+        eval loss, and no draw from the RNG that training's caption sampling uses)."""
+
+        def __init__(self, *args, eval_collator, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.eval_collator = eval_collator
+
+        def _with_eval_collator(self, method, *args, **kwargs):
+            train_collator, self.data_collator = self.data_collator, self.eval_collator
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.data_collator = train_collator
+
+        def evaluate(self, *args, **kwargs):
+            return self._with_eval_collator(super().evaluate, *args, **kwargs)
+
+        def predict(self, *args, **kwargs):
+            return self._with_eval_collator(super().predict, *args, **kwargs)
+
+    return CaptionTrainer
+
+
+def make_training_args(args, run_dir):
+    import torch
+    from transformers import Seq2SeqTrainingArguments
+
+    return Seq2SeqTrainingArguments(
+        output_dir=args.output_dir,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="linear",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=args.save_total_limit,
+        # The best checkpoint is reloaded by us, strictly, not by Trainer: its loader restores
+        # only 73 of this model's 85 tensors in transformers 5.x (see load_model_strict).
+        load_best_model_at_end=False,
+        metric_for_best_model=args.metric_for_best_model,
+        greater_is_better=True,
+        predict_with_generate=True,
+        logging_steps=args.logging_steps,
+        report_to="none",  # TensorBoard is attached explicitly, with our directory
+        run_name=os.path.basename(run_dir),
+        remove_unused_columns=False,  # the collator needs caption_ids
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=args.seed,
+        disable_tqdm=args.quiet,
+    )
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_path", default="./processed_data", help="output of dataloader.py")
+    p.add_argument("--output_dir", default="./image_captioning_model",
+                   help="where the model, checkpoints and metrics.json are written")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into a non-empty --output_dir, deleting what is there")
+    p.add_argument("--epochs", type=float, default=10, help="training epochs")
+    p.add_argument("--max_steps", type=int, default=-1,
+                   help="stop after this many optimizer steps (overrides --epochs when > 0)")
+    p.add_argument("--batch_size", type=int, default=32, help="training images per step")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="images per generate call")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW)")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--warmup_steps", type=int, default=0,
+                   help="linear warm-up steps, then linear decay to 0")
+    p.add_argument("--num_beams", type=int, default=3, help="beam width for generation")
+    p.add_argument("--gen_max_length", type=int, default=None,
+                   help="longest generated caption in tokens (default: the manifest's "
+                        "max_length)")
+    p.add_argument("--metric_for_best_model", default="cider",
+                   help="validation metric that picks the checkpoint kept at the end")
+    p.add_argument("--max_eval_samples", type=int, default=None,
+                   help="score only the first N validation images each epoch (the final "
+                        "test evaluation always covers the whole test split)")
+    p.add_argument("--save_total_limit", type=int, default=2,
+                   help="checkpoints kept in --output_dir (the best one is never deleted)")
+    p.add_argument("--logging_steps", type=int, default=10, help="log train loss every N steps")
+    p.add_argument("--run_name", default=None,
+                   help="TensorBoard run directory under runs/ (default: a timestamp)")
+    p.add_argument("--runs_dir", default="runs", help="TensorBoard root directory")
+    p.add_argument("--seed", type=int, default=42, help="seed for weights, sampling and order")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "eval_batch_size", "num_beams", "logging_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.epochs <= 0 and args.max_steps <= 0:
+        p.error("--epochs must be positive (or give --max_steps)")
+    if args.lr <= 0:
+        p.error("--lr must be positive")
+    return args
+
+
+def check_output_dir(args):
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        if not args.overwrite:
+            raise ValueError(f"--output_dir {args.output_dir} is not empty; pass --overwrite "
+                             f"to replace it")
+        shutil.rmtree(args.output_dir)
+
+
+def epoch_history(log_history):
+    """Trainer's log history -> one dict per validation evaluation, names without 'eval_'."""
+    return [{k.removeprefix("eval_"): v for k, v in entry.items()}
+            for entry in log_history if "eval_loss" in entry]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        manifest = read_manifest(args.data_path)
+        check_output_dir(args)
+    except ValueError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import set_seed
+    from transformers.integrations import TensorBoardCallback
+
+    quiet_transformers()
+    set_seed(args.seed)
+    CaptionTrainer = _caption_trainer_class()
+    tokenizer = load_tokenizer(args.data_path)
+    processor = load_image_processor(args.data_path)
+    model = build_model(manifest["encoder_model"], manifest["decoder_model"], tokenizer,
+                        manifest["image_size"], max_length=args.gen_max_length or manifest["max_length"],
+                        num_beams=args.num_beams)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: {manifest['encoder_model']} + {manifest['decoder_model']}, "
+          f"{trainable / 1e6:.2f}M trainable parameters")
+
+    train_ds = load_split(args.data_path, "train")
+    val_ds = load_split(args.data_path, "validation")
+    if args.max_eval_samples:
+        val_ds = val_ds.select(range(min(args.max_eval_samples, len(val_ds))))
+    test_ds = load_split(args.data_path, "test")
+
+    run_dir = os.path.join(args.runs_dir, args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    tb_writer = SummaryWriter(run_dir)
+    scorer = CaptionScorer(tokenizer, [list(r) for r in val_ds["captions"]])
+    trainer = CaptionTrainer(
+        model=model, args=make_training_args(args, run_dir),
+        train_dataset=train_ds, eval_dataset=val_ds,
+        data_collator=CaptionCollator(processor, sample_caption=True),
+        eval_collator=CaptionCollator(processor, sample_caption=False),
+        processing_class=tokenizer, compute_metrics=scorer,
+        callbacks=[TensorBoardCallback(tb_writer=tb_writer)])
+
+    train_result = trainer.train()
+
+    best = trainer.state.best_model_checkpoint
+    if best:
+        load_model_strict(best, into=trainer.model)
+        print(f"best checkpoint by {args.metric_for_best_model}: {best}")
+    trainer.save_model(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+
+    scorer.references = [list(r) for r in test_ds["captions"]]
+    test = trainer.predict(test_ds, metric_key_prefix="test")
+    test_metrics = {k.removeprefix("test_"): v for k, v in test.metrics.items()}
+    for name, value in test_metrics.items():
+        tb_writer.add_scalar(f"test/{name}", value, trainer.state.global_step)
+    tb_writer.flush()
+
+    predictions = [{"image_id": int(i), "file_name": f, "caption": c, "references": list(r)}
+                   for i, f, c, r in zip(test_ds["image_id"], test_ds["file_name"],
+                                         scorer.last_predictions, test_ds["captions"])]
+    write_json(os.path.join(args.output_dir, "test_predictions.json"), predictions)
+    write_json(os.path.join(args.output_dir, "test_results_coco.json"),
+               [{"image_id": p["image_id"], "caption": p["caption"]} for p in predictions])
+    write_json(os.path.join(args.output_dir, "metrics.json"), {
+        "validation": epoch_history(trainer.state.log_history),
+        "test": test_metrics,
+        "train": {**train_result.metrics, "global_step": trainer.state.global_step},
+        "best_checkpoint": best, "data": manifest, "tensorboard": run_dir,
+    })
+    tb_writer.close()
+    print("test: " + ", ".join(f"{k} {test_metrics[k]:.4f}" for k in
+                               ("bleu1", "bleu4", "meteor", "rougeL", "rouge2", "cider")
+                               if k in test_metrics))
+    print(f"model, metrics.json and test predictions written to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
