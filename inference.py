@@ -21,6 +21,11 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+# Light: PIL and numpy only, torch and transformers are imported when a model is loaded, so
+# --help answers at once. Importing it first also sets transformers' log level.
+from captioning import (load_image_processor, load_tokenizer, open_image, pixels_from_images,
+                        quiet_transformers, to_rgb)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_REDIRECTS = 5
 
@@ -87,8 +92,6 @@ def load_source(source, timeout, max_bytes):
     """URL or path -> RGB PIL image, or InputError with a one-line reason."""
     from PIL import Image, UnidentifiedImageError
 
-    from captioning import open_image, to_rgb
-
     if "://" in source:
         data = fetch_url(source, timeout, max_bytes)
         if data.lstrip()[:15].lower().startswith((b"<!doctype", b"<html")):
@@ -119,8 +122,6 @@ def load_captioner(model_path, device):
     import torch
     from transformers import VisionEncoderDecoderModel
 
-    from captioning import load_image_processor, load_tokenizer, quiet_transformers
-
     quiet_transformers()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,8 +132,6 @@ def load_captioner(model_path, device):
 def caption_images(images, model, tokenizer, processor, **generate_kwargs):
     """PIL images -> captions, one generate call for the whole batch."""
     import torch
-
-    from captioning import pixels_from_images
 
     pixels = pixels_from_images(images, processor).to(model.device)
     with torch.inference_mode():
@@ -220,7 +219,7 @@ def main(argv=None):
                 try:
                     batch.append((source, future.result()))
                 except InputError as e:
-                    print(f"{source}: {e}", file=sys.stderr)
+                    bar.write(f"{source}: {e}", file=sys.stderr)  # above the bar, never inside
                     failed += 1
             if batch:
                 captions = caption_images([img for _, img in batch], model, tokenizer,
