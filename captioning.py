@@ -8,6 +8,7 @@ The name "tiny" stands for a small randomly initialised model built from a confi
 what `make demo` and the tests use, since this machine cannot reach the Hugging Face Hub.
 """
 
+import argparse
 import io
 import json
 import os
@@ -33,6 +34,16 @@ TINY_VOCAB_SIZE = 1024
 
 # A truncated file must fail loudly, never be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless the help already says it or the option is
+    required. Shared by the scripts' --help."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or "") or action.required:
+            return action.help
+        return super()._get_help_string(action)
 
 
 # ----------------------------------------------------------------------------- images

@@ -33,9 +33,10 @@ from multiprocessing import Pool
 
 from PIL import Image, ImageDraw
 
-from captioning import (FORMAT_VERSION, MANIFEST, SPLITS, TINY, load_image_processor,
-                        load_tokenizer, processor_resample, processor_size, resize_to_uint8,
-                        split_features, train_tiny_tokenizer, write_json)
+from captioning import (FORMAT_VERSION, MANIFEST, SPLITS, TINY, HelpFormatter,
+                        load_image_processor, load_tokenizer, processor_resample,
+                        processor_size, resize_to_uint8, split_features,
+                        train_tiny_tokenizer, write_json)
 
 SHARD_IMAGES = 2000  # rows per arrow file: bounded memory while writing, few files to open
 
@@ -278,7 +279,7 @@ def prepare(args, work_dir):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--source", choices=["coco", "shapes"], default="coco",
                    help="coco: read COCO 2014 from --coco_dir; shapes: first generate the "
                         "built-in synthetic set (COCO layout) into --coco_dir, then read it")

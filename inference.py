@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 # Light: PIL and numpy only, torch and transformers are imported when a model is loaded, so
 # --help answers at once. Importing it first also sets transformers' log level.
-from captioning import (load_image_processor, load_tokenizer, open_image, pixels_from_images,
-                        quiet_transformers, to_rgb)
+from captioning import (HelpFormatter, load_image_processor, load_tokenizer, open_image,
+                        pixels_from_images, quiet_transformers, to_rgb)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_REDIRECTS = 5
@@ -147,7 +147,7 @@ def coco_image_id(source):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--image_path", nargs="+", required=True,
                    help="one or more http(s) URLs, image files, directories or globs")
     p.add_argument("--model_path", default="./image_captioning_model",

@@ -193,10 +193,12 @@ def load_results_and_references(predictions_path, annotations_path):
 
 
 def main(argv=None):
+    from captioning import HelpFormatter
+
     parser = argparse.ArgumentParser(
         description="Score a COCO caption results file with BLEU-1..4, METEOR, ROUGE-L, "
                     "ROUGE-2 and CIDEr.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--predictions", required=True,
                         help='results JSON: [{"image_id": int, "caption": str}, ...]')
     parser.add_argument("--annotations", required=True,

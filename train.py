@@ -23,9 +23,9 @@ import time
 
 import numpy as np
 
-from captioning import (FORMAT_VERSION, MANIFEST, SPLITS, build_model, load_image_processor,
-                        load_model_strict, load_split, load_tokenizer, normalize_pixels, quiet_transformers,
-                        read_json, write_json)
+from captioning import (FORMAT_VERSION, MANIFEST, SPLITS, HelpFormatter, build_model,
+                        load_image_processor, load_model_strict, load_split, load_tokenizer,
+                        normalize_pixels, quiet_transformers, read_json, write_json)
 from metrics import compute_caption_metrics
 
 
@@ -166,7 +166,7 @@ def make_training_args(args, run_dir):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data_path", default="./processed_data", help="output of dataloader.py")
     p.add_argument("--output_dir", default="./image_captioning_model",
                    help="where the model, checkpoints and metrics.json are written")

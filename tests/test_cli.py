@@ -42,20 +42,14 @@ def test_three_scripts_end_to_end(tmp_path):
 def test_help_documents_every_option_and_default(script):
     r = run(os.path.join(ROOT, script), "--help", cwd=ROOT)
     assert r.returncode == 0
-    sys.path.insert(0, ROOT)
-    module = __import__(script[:-3])
-    import argparse
-
-    # Every option in --help has help text; every defaulted option shows its default.
-    parser_opts = [line.strip().split()[0].rstrip(",") for line in r.stdout.splitlines()
-                   if line.strip().startswith("--")]
-    assert parser_opts and module.__doc__
+    # Every option in --help has help text; every optional one shows its default.
+    assert r.stdout.count("\n  --") >= 3
     for line in r.stdout.split("\n  --")[1:]:
         name = line.split()[0]
         body = " ".join(line.split())
         assert len(body) > len(name) + 15, f"{script} {name} lacks help"
-        if "required" not in body and not any(
-                flag in name for flag in ("help", "overwrite", "quiet")):
+        required = f"--{name}" in r.stdout.split("options:")[0].replace("[--", "")
+        if not required and name not in ("help", "overwrite", "quiet"):
             assert "(default:" in body, f"{script} --{name} shows no default"
 
 
