@@ -190,6 +190,8 @@ def parse_args(argv):
     p.add_argument("--max_eval_samples", type=int, default=None,
                    help="score only the first N validation images each epoch (the final "
                         "test evaluation always covers the whole test split)")
+    p.add_argument("--num_preview_images", type=int, default=8,
+                   help="validation images shown captioned in TensorBoard at each evaluation")
     p.add_argument("--save_total_limit", type=int, default=2,
                    help="checkpoints kept in --output_dir (the best one is never deleted)")
     p.add_argument("--logging_steps", type=int, default=10, help="log train loss every N steps")
@@ -199,6 +201,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=42, help="seed for weights, sampling and order")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.num_preview_images < 0:
+        p.error("--num_preview_images must be 0 or more")
     for name in ("batch_size", "eval_batch_size", "num_beams", "logging_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -237,6 +241,8 @@ def main(argv=None):
     from transformers import set_seed
     from transformers.integrations import TensorBoardCallback
 
+    from reporting import CaptionPreviewCallback, write_reports
+
     quiet_transformers()
     set_seed(args.seed)
     CaptionTrainer = _caption_trainer_class()
@@ -258,13 +264,19 @@ def main(argv=None):
     run_dir = os.path.join(args.runs_dir, args.run_name or time.strftime("%Y%m%d-%H%M%S"))
     tb_writer = SummaryWriter(run_dir)
     scorer = CaptionScorer(tokenizer, [list(r) for r in val_ds["captions"]])
+    n_preview = min(args.num_preview_images, len(val_ds))
+    previews = CaptionPreviewCallback(
+        tb_writer, pixels=val_ds[:n_preview]["pixel_values"] if n_preview else [],
+        references=[r[0] for r in val_ds[:n_preview]["captions"]] if n_preview else [],
+        scorer=scorer)
     trainer = CaptionTrainer(
         model=model, args=make_training_args(args, run_dir),
         train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=CaptionCollator(processor, sample_caption=True),
         eval_collator=CaptionCollator(processor, sample_caption=False),
         processing_class=tokenizer, compute_metrics=scorer,
-        callbacks=[TensorBoardCallback(tb_writer=tb_writer)])
+        callbacks=[TensorBoardCallback(tb_writer=tb_writer)]
+        + ([previews] if n_preview else []))
 
     train_result = trainer.train()
 
@@ -275,6 +287,7 @@ def main(argv=None):
     trainer.save_model(args.output_dir)
     processor.save_pretrained(args.output_dir)
 
+    # The final test evaluation always covers the whole test split.
     scorer.references = [list(r) for r in test_ds["captions"]]
     test = trainer.predict(test_ds, metric_key_prefix="test")
     test_metrics = {k.removeprefix("test_"): v for k, v in test.metrics.items()}
@@ -288,8 +301,10 @@ def main(argv=None):
     write_json(os.path.join(args.output_dir, "test_predictions.json"), predictions)
     write_json(os.path.join(args.output_dir, "test_results_coco.json"),
                [{"image_id": p["image_id"], "caption": p["caption"]} for p in predictions])
+    validation = epoch_history(trainer.state.log_history)
+    write_reports(args.output_dir, trainer.state.log_history, validation, test_metrics)
     write_json(os.path.join(args.output_dir, "metrics.json"), {
-        "validation": epoch_history(trainer.state.log_history),
+        "validation": validation,
         "test": test_metrics,
         "train": {**train_result.metrics, "global_step": trainer.state.global_step},
         "best_checkpoint": best, "data": manifest, "tensorboard": run_dir,

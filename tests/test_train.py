@@ -49,6 +49,53 @@ def test_tensorboard_has_loss_and_eval_metrics(trained):
     assert len(acc.Scalars("train/loss")) >= 2
 
 
+def test_tensorboard_has_captioned_previews(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = trained
+    acc = EventAccumulator(run_dir, size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert "preview/captions" in acc.Tags()["images"]
+    images = acc.Images("preview/captions")
+    assert len(images) == 2  # one per evaluation (2 epochs)
+    from PIL import Image
+    import io
+    grid = Image.open(io.BytesIO(images[-1].encoded_image_string))
+    assert grid.width == 4 * 192 and grid.height > 2 * 192  # 8 images, 4 per row, with text
+    text_tags = [t for t in acc.Tags()["tensors"] if t.startswith("preview/captions")]
+    assert text_tags
+    text = acc.Tensors(text_tags[0])[-1].tensor_proto.string_val[0].decode()
+    assert "| prediction | reference |" in text and text.count("\n") >= 9
+
+
+def test_loss_curve_and_metrics_table(trained):
+    from PIL import Image
+
+    out, _ = trained
+    with Image.open(os.path.join(out, "loss_curve.png")) as img:
+        assert img.size == (600, 400)
+    table = open(os.path.join(out, "metrics.md")).read().splitlines()
+    assert table[0].startswith("| split | epoch | bleu1") and len(table) == 2 + 2 + 1
+    assert table[-1].startswith("| test | final |")
+
+
+def test_metrics_cli_rescores_train_results(trained, shapes_coco, tmp_path, capsys):
+    """test_results_coco.json is an official-format results file: metrics.py scores it
+    against the COCO annotations to the same numbers train.py reported."""
+    import metrics
+
+    out, _ = trained
+    rc = metrics.main(["--predictions", os.path.join(out, "test_results_coco.json"),
+                       "--annotations", os.path.join(shapes_coco, "annotations",
+                                                     "captions_val2014.json"),
+                       "--out", str(tmp_path / "scores.json")])
+    assert rc == 0
+    rescored = json.load(open(tmp_path / "scores.json"))
+    reported = json.load(open(os.path.join(out, "metrics.json")))["test"]
+    for key in ("bleu4", "rougeL", "cider", "rouge2"):
+        assert rescored[key] == pytest.approx(reported[key], abs=1e-6), key
+
+
 def test_non_empty_output_dir_is_refused(prepared, tmp_path, capsys):
     out = tmp_path / "model"
     out.mkdir()
