@@ -110,18 +110,32 @@ def normalize_pixels(uint8_batch, processor):
     return (pixels - mean) / std
 
 
-def open_image(source):
-    """A path or raw bytes -> fully decoded PIL image (raises OSError on a bad file)."""
+def open_image(source, draft_size=None):
+    """A path or raw bytes -> fully decoded PIL image (raises OSError on a bad file).
+
+    With draft_size (width, height), a JPEG is decoded straight at 1/2, 1/4 or 1/8 scale,
+    never below that size: most of the decoding time of a photo saved. dataloader.py and
+    inference.py both decode this way, so a model sees at inference what it trained on.
+    """
     img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    if draft_size is not None:
+        img.draft(img.mode, draft_size)  # no-op for formats other than JPEG
     img.load()
     return img
 
 
-def pixels_from_images(images, processor):
-    """PIL images of any mode -> normalised float32 tensor, the same path training took."""
+def draft_size(processor):
+    """The draft size for `open_image`: the encoder's input edge both ways, so that an
+    EXIF rotation after decoding still leaves enough pixels."""
+    edge = max(processor_size(processor))
+    return edge, edge
+
+
+def uint8_from_images(images, processor):
+    """PIL images of any mode -> uint8 (B, 3, H, W) at the encoder's size: what dataloader.py
+    stores, and what `normalize_pixels` turns into model input."""
     size, resample = processor_size(processor), processor_resample(processor)
-    batch = np.stack([resize_to_uint8(to_rgb(img), size, resample) for img in images])
-    return normalize_pixels(batch, processor)
+    return np.stack([resize_to_uint8(to_rgb(img), size, resample) for img in images])
 
 
 # ----------------------------------------------------------------------------- tokenizer

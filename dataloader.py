@@ -34,7 +34,7 @@ from multiprocessing import Pool
 from PIL import Image, ImageDraw
 
 from captioning import (FORMAT_VERSION, MANIFEST, SPLITS, TINY, HelpFormatter,
-                        load_image_processor, load_tokenizer, processor_resample,
+                        load_image_processor, load_tokenizer, open_image, processor_resample,
                         processor_size, resize_to_uint8, split_features,
                         train_tiny_tokenizer, write_json)
 
@@ -135,13 +135,9 @@ def decode_image(path, size, resample):
     """-> ("ok", uint8 array) | ("non_rgb", None) | ("unreadable", None). Never raises, so one
     bad file among 100,000 can't stop a run. Runs in worker processes."""
     try:
-        with Image.open(path) as img:
+        with open_image(path, draft_size=(size[1], size[0])) as img:
             if img.mode != "RGB":
                 return "non_rgb", None
-            # JPEG draft mode decodes a large photo straight at 1/2, 1/4 or 1/8 scale (never
-            # below the target size), which is most of the decoding time saved.
-            img.draft("RGB", (size[1], size[0]))
-            img.load()
             return "ok", resize_to_uint8(img, size, resample)
     except Exception:  # truncated, zero-byte, missing, not an image: all the same to us
         return "unreadable", None

@@ -11,8 +11,9 @@ Decoding defaults come from the model's own generation_config.
 """
 
 import argparse
+import collections
 import glob
-import io
+import itertools
 import json
 import os
 import re
@@ -23,8 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 # Light: PIL and numpy only, torch and transformers are imported when a model is loaded, so
 # --help answers at once. Importing it first also sets transformers' log level.
-from captioning import (HelpFormatter, load_image_processor, load_tokenizer, open_image,
-                        pixels_from_images, quiet_transformers, to_rgb)
+import numpy as np
+
+from captioning import (HelpFormatter, draft_size, load_image_processor, load_tokenizer,
+                        normalize_pixels, open_image, processor_resample, processor_size,
+                        quiet_transformers, resize_to_uint8, to_rgb, uint8_from_images)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_REDIRECTS = 5
@@ -88,8 +92,9 @@ def fetch_url(url, timeout, max_bytes):
     return body
 
 
-def load_source(source, timeout, max_bytes):
-    """URL or path -> RGB PIL image, or InputError with a one-line reason."""
+def load_source(source, timeout, max_bytes, draft=None):
+    """URL or path -> RGB PIL image, or InputError with a one-line reason. `draft`: see
+    captioning.open_image."""
     from PIL import Image, UnidentifiedImageError
 
     if "://" in source:
@@ -106,13 +111,32 @@ def load_source(source, timeout, max_bytes):
             raise InputError("empty file")
         target = source
     try:
-        return to_rgb(open_image(target))
+        return to_rgb(open_image(target, draft))
     except UnidentifiedImageError:
         raise InputError("not an image") from None
     except Image.DecompressionBombError as e:
         raise InputError(f"refused as a decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise InputError(f"unreadable image: {e}") from None
+
+
+def iter_loaded(sources, pool, ahead, load, *load_args):
+    """Yield (source, load(source, *load_args) or InputError) in input order, with at most `ahead` fetches
+    and decodes running in the thread pool, so a folder of 100,000 photos is never all in
+    memory at once."""
+    pending = collections.deque()
+    todo = iter(sources)
+    for source in itertools.islice(todo, ahead):
+        pending.append((source, pool.submit(load, source, *load_args)))
+    while pending:
+        source, future = pending.popleft()
+        following = next(todo, None)
+        if following is not None:
+            pending.append((following, pool.submit(load, following, *load_args)))
+        try:
+            yield source, future.result()
+        except InputError as e:
+            yield source, e
 
 
 # ----------------------------------------------------------------------------- captioning
@@ -126,17 +150,65 @@ def load_captioner(model_path, device):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = VisionEncoderDecoderModel.from_pretrained(model_path).to(device).eval()
-    return model, load_tokenizer(model_path), load_image_processor(model_path)
+    tokenizer = load_tokenizer(model_path)
+    # Published captioners (nlpconnect/vit-gpt2-image-captioning, say) keep their token ids
+    # in config.json and may have no generation_config.json: fill what generate needs.
+    gen, config = model.generation_config, model.config
+    for name, fallback in (("decoder_start_token_id", tokenizer.bos_token_id),
+                           ("eos_token_id", tokenizer.eos_token_id),
+                           ("pad_token_id", tokenizer.pad_token_id)):
+        if getattr(gen, name, None) is None:
+            setattr(gen, name, getattr(config, name, None) if getattr(config, name, None)
+                    is not None else fallback)
+    return model, tokenizer, load_image_processor(model_path)
 
 
-def caption_images(images, model, tokenizer, processor, **generate_kwargs):
-    """PIL images -> captions, one generate call for the whole batch."""
+def caption_pixels(uint8_batch, model, tokenizer, processor, **generate_kwargs):
+    """uint8 (B, 3, H, W) at the encoder's size -> captions, one generate call."""
     import torch
 
-    pixels = pixels_from_images(images, processor).to(model.device)
+    pixels = normalize_pixels(uint8_batch, processor).to(model.device)
     with torch.inference_mode():
         out = model.generate(pixel_values=pixels, **generate_kwargs)
     return [" ".join(t.split()) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def caption_images(images, model, tokenizer, processor, **generate_kwargs):
+    """PIL images of any mode -> captions, one generate call for the whole batch."""
+    if not images:
+        return []
+    return caption_pixels(uint8_from_images(images, processor), model, tokenizer, processor,
+                          **generate_kwargs)
+
+
+def load_pixels(source, timeout, max_bytes, processor):
+    """load_source, then resized to the encoder's uint8 input (runs in the thread pool, so
+    the main thread only stacks, normalises and generates)."""
+    image = load_source(source, timeout, max_bytes, draft_size(processor))
+    return resize_to_uint8(image, processor_size(processor), processor_resample(processor))
+
+
+def caption_sources(sources, model, tokenizer, processor, batch_size=16, workers=8,
+                    timeout=10.0, max_bytes=20 * 2**20, **generate_kwargs):
+    """Yield (source, caption, None) or (source, None, InputError) for each source, in input
+    order. Images are fetched and decoded in `workers` threads while the model captions the
+    previous batch; bad inputs never stop the others."""
+    with ThreadPoolExecutor(workers) as pool:
+        loaded = iter_loaded(sources, pool, 2 * batch_size, load_pixels, timeout, max_bytes,
+                             processor)
+        while True:
+            chunk = list(itertools.islice(loaded, batch_size))
+            if not chunk:
+                return
+            good = [(s, img) for s, img in chunk if not isinstance(img, InputError)]
+            captions = dict(zip([s for s, _ in good], caption_pixels(
+                np.stack([px for _, px in good]), model, tokenizer, processor,
+                **generate_kwargs))) if good else {}
+            for source, image in chunk:
+                if isinstance(image, InputError):
+                    yield source, None, image
+                else:
+                    yield source, captions[source], None
 
 
 def coco_image_id(source):
@@ -207,30 +279,21 @@ def main(argv=None):
     from tqdm import tqdm
 
     max_bytes = int(args.max_download_mb * 2**20)
-    results, failed = {}, 0
+    done, failed = [], 0
     bar = tqdm(total=len(sources), unit="img", file=sys.stderr, disable=len(sources) <= 4)
-    with ThreadPoolExecutor(args.workers) as pool:
-        # Fetching and decoding run ahead in threads while the model captions a batch.
-        futures = [pool.submit(load_source, s, args.timeout, max_bytes) for s in sources]
-        for start in range(0, len(sources), args.batch_size):
-            batch = []
-            for source, future in zip(sources[start:start + args.batch_size],
-                                      futures[start:start + args.batch_size]):
-                try:
-                    batch.append((source, future.result()))
-                except InputError as e:
-                    bar.write(f"{source}: {e}", file=sys.stderr)  # above the bar, never inside
-                    failed += 1
-            if batch:
-                captions = caption_images([img for _, img in batch], model, tokenizer,
-                                          processor, **generate_kwargs)
-                results.update(zip([s for s, _ in batch], captions))
-            bar.update(len(sources[start:start + args.batch_size]))
+    for source, caption, error in caption_sources(
+            sources, model, tokenizer, processor, batch_size=args.batch_size,
+            workers=args.workers, timeout=args.timeout, max_bytes=max_bytes,
+            **generate_kwargs):
+        if error is not None:
+            bar.write(f"{source}: {error}", file=sys.stderr)  # above the bar, never inside
+            failed += 1
+        else:
+            bar.write(caption if len(sources) == 1 else f"{source}\t{caption}", file=sys.stdout)
+            done.append((source, caption))
+        bar.update(1)
     bar.close()
 
-    done = [(s, results[s]) for s in sources if s in results]
-    for source, caption in done:
-        print(caption if len(sources) == 1 else f"{source}\t{caption}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"image": s, "caption": c} for s, c in done], f, indent=2)

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 import pytest
 
@@ -75,16 +76,25 @@ def hub_shaped_dirs(tmp_path_factory):
     return vit_dir, gpt_dir
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
+class _Handler(http.server.BaseHTTPRequestHandler):
     routes = {}
 
     def do_GET(self):  # noqa: N802
-        status, body, ctype = self.routes.get(self.path, (404, b"not found", "text/plain"))
+        route = self.routes.get(self.path, (404, b"not found", "text/plain"))
+        status, body, ctype = route[:3]
+        options = route[3] if len(route) > 3 else {}
+        time.sleep(options.get("delay", 0))
         self.send_response(status)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        for key, value in options.get("headers", {}).items():
+            self.send_header(key, value)
+        if not options.get("no_length"):
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def log_message(self, *args):
         pass
@@ -92,7 +102,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture()
 def http_server():
-    """A server on 127.0.0.1 serving `routes[path] = (status, body, content_type)`."""
+    """A server on 127.0.0.1 serving `routes[path] = (status, body, content_type[, options])`,
+    options: delay (s), extra headers, no_length (omit Content-Length)."""
     routes = {}
     handler = type("H", (_Handler,), {"routes": routes})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -2,6 +2,7 @@
 
 import io
 import re
+import shutil
 import json
 import os
 
@@ -70,6 +71,64 @@ def test_bad_inputs_one_line_each_others_still_captioned(trained, images, tmp_pa
         assert line.startswith(source + ":")
     assert "HTML" in captured.err and "404" in captured.err
     assert [l.split("\t")[0] for l in captured.out.strip().splitlines()] == [good, f"{url}/ok.jpg"]
+
+
+def test_server_misbehaviour_each_one_line(trained, http_server, capsys):
+    out, _ = trained
+    url, routes = http_server
+    routes["/ok.jpg"] = (200, _jpeg_bytes(), "image/jpeg")
+    routes["/slow.jpg"] = (200, _jpeg_bytes(), "image/jpeg", {"delay": 3})
+    routes["/huge.jpg"] = (200, b"\xff" * 300_000, "image/jpeg")
+    routes["/huge-unsized.jpg"] = (200, b"\xff" * 300_000, "image/jpeg", {"no_length": True})
+    routes["/loop"] = (302, b"", "text/plain", {"headers": {"Location": "/loop2"}})
+    routes["/loop2"] = (302, b"", "text/plain", {"headers": {"Location": "/loop"}})
+    routes["/hop"] = (302, b"", "text/plain", {"headers": {"Location": "/ok.jpg"}})
+    sources = [f"{url}/ok.jpg", f"{url}/slow.jpg", f"{url}/huge.jpg",
+               f"{url}/huge-unsized.jpg", f"{url}/loop", f"{url}/hop"]
+    rc = inference.main(["--image_path", *sources, "--model_path", out, "--timeout", "1",
+                         "--max_download_mb", "0.2"])
+    captured = capsys.readouterr()
+    errors = {line.split(": ", 1)[0]: line for line in re.split(r"[\r\n]+", captured.err)
+              if line.startswith("http")}
+    assert rc == 1 and "Traceback" not in captured.err
+    assert "timed out" in errors[f"{url}/slow.jpg"]
+    assert "MB limit" in errors[f"{url}/huge.jpg"]
+    assert "MB limit" in errors[f"{url}/huge-unsized.jpg"]
+    assert "redirect" in errors[f"{url}/loop"]
+    assert set(errors) == {f"{url}/{p}" for p in ("slow.jpg", "huge.jpg", "huge-unsized.jpg", "loop")}
+    captioned = [l.split("\t")[0] for l in captured.out.strip().splitlines()]
+    assert captioned == [f"{url}/ok.jpg", f"{url}/hop"]  # one redirect is fine
+
+
+def test_nlpconnect_shaped_model_dir_captions(hub_shaped_dirs, images, tmp_path, capsys):
+    """Shaped like nlpconnect/vit-gpt2-image-captioning: a plain GPT-2 tokenizer (vocab.json,
+    merges.txt) with no pad token, a ViTImageProcessor, and the generation settings in
+    config.json with no generation_config.json."""
+    from transformers import AutoConfig, VisionEncoderDecoderModel
+
+    vit_dir, gpt_dir = hub_shaped_dirs
+    cfg = AutoConfig.from_pretrained(gpt_dir)
+    cfg.is_decoder, cfg.add_cross_attention = True, True
+    model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(vit_dir, gpt_dir,
+                                                                      decoder_config=cfg)
+    d = tmp_path / "nlpconnect"
+    model.save_pretrained(d)
+    os.remove(d / "generation_config.json")
+    vocab = json.load(open(os.path.join(gpt_dir, "vocab.json")))
+    eos = vocab["<|endoftext|>"]
+    config = json.load(open(d / "config.json"))
+    config.update(decoder_start_token_id=eos, pad_token_id=eos, eos_token_id=eos,
+                  bos_token_id=eos, max_length=16, num_beams=4)
+    json.dump(config, open(d / "config.json", "w"))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(gpt_dir, name), d / name)
+    json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,
+               "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}, open(d / "tokenizer_config.json", "w"))
+    shutil.copy(os.path.join(vit_dir, "preprocessor_config.json"), d)
+    rc = inference.main(["--image_path", str(images), "--model_path", str(d)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 3
 
 
 def test_bad_model_path_is_one_line(tmp_path, images, capsys):

@@ -8,7 +8,7 @@ import torch
 
 import train
 from captioning import (build_model, load_image_processor, load_model_strict, load_split,
-                        load_tokenizer, normalize_pixels, pixels_from_images)
+                        load_tokenizer, normalize_pixels, uint8_from_images)
 
 
 def test_collator_masks_padding_only_and_keeps_eos(prepared):
@@ -34,7 +34,7 @@ def test_collator_normalisation_matches_the_image_processor():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
-    ours = pixels_from_images([img], processor)
+    ours = normalize_pixels(uint8_from_images([img], processor), processor)
     theirs = torch.as_tensor(np.asarray(processor(images=img, return_tensors="np")["pixel_values"]))
     # uint8 storage rounds the resized pixel: at most half a grey level, 1/255 after scaling
     assert ours.shape == theirs.shape
