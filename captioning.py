@@ -12,6 +12,8 @@ import argparse
 import io
 import json
 import os
+import re
+import sys
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -252,6 +254,33 @@ def load_model_strict(model_dir, into=None):
         return loaded
     into.load_state_dict(loaded.state_dict(), strict=True)
     return into
+
+
+def is_complete_checkpoint(path):
+    """Trainer writes trainer_state.json last: a checkpoint killed while being saved has
+    none, or half of one, and must not be resumed from."""
+    from safetensors import safe_open
+
+    try:
+        read_json(os.path.join(path, "trainer_state.json"))
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+            f.keys()
+    except (OSError, ValueError):
+        return False
+    return all(os.path.isfile(os.path.join(path, name))
+               for name in ("optimizer.pt", "scheduler.pt", "config.json"))
+
+
+def find_resume_checkpoint(output_dir):
+    """The newest complete checkpoint-N in output_dir, or None."""
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", name)))
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if is_complete_checkpoint(path):
+            return path
+        print(f"skipping incomplete checkpoint {path}", file=sys.stderr)
+    return None
 
 
 def read_json(path):

@@ -8,6 +8,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 TABLE_METRICS = ("bleu1", "bleu4", "meteor", "rougeL", "rouge2", "cider")
 
@@ -67,6 +68,16 @@ class CaptionPreviewCallback(TrainerCallback):
         self.tb_writer.add_text("preview/captions", preview_markdown(predictions, self.references),
                                 state.global_step)
         self.tb_writer.flush()
+
+
+class OpenTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoardCallback, except that it leaves the writer open when training
+    ends: train.py still logs the test scores and closes it itself, so that one run writes
+    one event file."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.tb_writer is not None:
+            self.tb_writer.flush()
 
 
 def save_loss_curve(log_history, path):

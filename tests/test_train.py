@@ -47,6 +47,7 @@ def test_tensorboard_has_loss_and_eval_metrics(trained):
     assert {"train/loss", "train/learning_rate", "eval/bleu4", "eval/cider",
             "test/bleu4"} <= tags
     assert len(acc.Scalars("train/loss")) >= 2
+    assert len([f for f in os.listdir(run_dir) if "tfevents" in f]) == 1  # one run, one file
 
 
 def test_tensorboard_has_captioned_previews(trained):
