@@ -9,11 +9,14 @@ what `make demo` and the tests use, since this machine cannot reach the Hugging 
 """
 
 import argparse
+import http.client
 import io
 import json
 import os
 import re
 import sys
+import urllib.error
+import urllib.request
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -138,6 +141,61 @@ def uint8_from_images(images, processor):
     stores, and what `normalize_pixels` turns into model input."""
     size, resample = processor_size(processor), processor_resample(processor)
     return np.stack([resize_to_uint8(to_rgb(img), size, resample) for img in images])
+
+
+# ----------------------------------------------------------------------------- downloads
+# inference.py fetches images by URL; dataloader.py --download fetches COCO. One client.
+
+MAX_REDIRECTS = 5
+
+
+class FetchError(Exception):
+    """A URL could not be fetched; the message says why in one line. `status` is the HTTP
+    status where the server answered with one."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
+    max_redirections = MAX_REDIRECTS
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise FetchError(f"redirect to a non-http(s) URL: {newurl}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_url(url, timeout, max_bytes):
+    """GET an http(s) URL -> bytes, with a timeout per connect/read, at most 5 redirects and
+    a size cap, so one bad server cannot hang or exhaust the run. A body shorter than its
+    Content-Length is an error, never a short file. Raises FetchError (one-line reason)."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise FetchError("only http(s) URLs are supported")
+    opener = urllib.request.build_opener(_LimitedRedirects())
+    request = urllib.request.Request(url, headers={"User-Agent": "image-captioning/1.0"})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise FetchError(f"larger than the {max_bytes // 2**20} MB limit")
+            body = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        if e.code in (301, 302, 303, 307, 308):
+            raise FetchError(f"more than {MAX_REDIRECTS} redirects") from None
+        raise FetchError(f"HTTP {e.code} {e.reason}", status=e.code) from None
+    except urllib.error.URLError as e:
+        raise FetchError(f"cannot fetch: {e.reason}") from None
+    except (TimeoutError, OSError) as e:
+        raise FetchError(f"cannot fetch: {e or 'timed out'}") from None
+    except http.client.HTTPException as e:  # IncompleteRead: the server hung up early
+        raise FetchError(f"incomplete response: {type(e).__name__}") from None
+    if len(body) > max_bytes:
+        raise FetchError(f"larger than the {max_bytes // 2**20} MB limit")
+    if length and length.isdigit() and len(body) < int(length):
+        raise FetchError(f"incomplete response: {len(body)} of {length} bytes")
+    return body
 
 
 # ----------------------------------------------------------------------------- tokenizer

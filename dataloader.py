@@ -2,12 +2,14 @@
 
     python dataloader.py --source shapes --save_path ./processed_data \
         --encoder_model tiny --decoder_model tiny                       # built-in, offline
-    python dataloader.py --source coco --coco_dir ./coco --limit_data 2000 \
-        --save_path ./processed_data                                      # real COCO 2014
+    python dataloader.py --coco_dir ./coco --limit_data 2000 --save_path ./processed_data
+    python dataloader.py --download --coco_dir ./coco --limit_data 2000   # fetch what's needed
+    python dataloader.py --split karpathy --karpathy_json dataset_coco.json --coco_dir ./coco
 
 Reads COCO 2014 in its official layout (annotations/captions_{train,val}2014.json,
 train2014/*.jpg, val2014/*.jpg), keeps only RGB images (grayscale and CMYK ones are dropped,
-unreadable files are skipped and counted), and writes one row per image:
+or converted with --convert_grayscale; unreadable files are skipped and counted), and writes
+one row per image:
 
   pixel_values  uint8 (3, H, W) at the encoder's input size (normalised later, in train.py's
                 collator, with the image processor's own mean and std): ~150 KB per image at
@@ -22,6 +24,7 @@ complete, so an interrupted run leaves nothing train.py would accept.
 """
 
 import argparse
+import glob
 import itertools
 import json
 import os
@@ -29,246 +32,349 @@ import random
 import shutil
 import sys
 import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import Pool
 
-from PIL import Image, ImageDraw
+from captioning import (FORMAT_VERSION, MANIFEST, SPLITS, TINY, FetchError, HelpFormatter,
+                        fetch_url, load_image_processor, load_tokenizer, open_image,
+                        processor_resample, processor_size, resize_to_uint8, split_features,
+                        to_rgb, train_tiny_tokenizer, write_json)
+from shapes import make_shapes_coco
 
-from captioning import (FORMAT_VERSION, MANIFEST, SPLITS, TINY, HelpFormatter,
-                        load_image_processor, load_tokenizer, open_image, processor_resample,
-                        processor_size, resize_to_uint8, split_features,
-                        train_tiny_tokenizer, write_json)
+SHARD_IMAGES = 2048  # rows per arrow file: bounded memory while writing, few files to open
+MAX_WAVE = 512  # images fetched and decoded at a time: bounds memory on a 100,000-image run
+COCO_BASE_URL = "http://images.cocodataset.org"
+PERMANENT_HTTP = {400, 401, 403, 404, 410}  # no point retrying these
+MAX_IMAGE_BYTES = 50 * 2**20
 
-SHARD_IMAGES = 2000  # rows per arrow file: bounded memory while writing, few files to open
-
-# ----------------------------------------------------------------------------- built-in set
-# Coloured shapes at positions, each image with 4-6 differently worded captions. Small
-# enough to learn in a minute on a CPU, varied enough that a model which ignores the image or
-# never stops talking scores badly.
-
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
-          "yellow": (235, 215, 20), "purple": (140, 40, 170), "orange": (245, 140, 20)}
-SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"top left": (0.25, 0.28), "top right": (0.75, 0.28), "center": (0.5, 0.5),
-             "bottom left": (0.25, 0.72), "bottom right": (0.75, 0.72)}
-TEMPLATES = ("a {color} {shape} in the {pos}",
-             "a {shape} that is {color}, in the {pos}",
-             "there is a {color} {shape} in the {pos} of the picture",
-             "the {pos} of the image shows a {color} {shape}",
-             "  A {color} {shape} sits in the {pos}. ",
-             "a picture with a {color} {shape} at the {pos}")
-
-
-def draw_shape_image(rng, color, shape, pos, size=(128, 96)):
-    width, height = size
-    shade = rng.randint(200, 250)
-    img = Image.new("RGB", size, (shade, shade, shade))
-    cx, cy = POSITIONS[pos][0] * width, POSITIONS[pos][1] * height
-    r = rng.uniform(0.14, 0.2) * height
-    cx, cy = cx + rng.uniform(-3, 3), cy + rng.uniform(-3, 3)
-    draw = ImageDraw.Draw(img)
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
-    return img
-
-
-def make_shapes_coco(root, num_train=1000, num_val=300, seed=0):
-    """Write a deterministic synthetic captioning set in the COCO 2014 layout under `root`.
-
-    Every 20th image is grayscale, so the RGB filter has work to do, and one training file is
-    truncated, so the unreadable-file path does too.
-    """
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for split, count, first_id in (("train2014", num_train, 1), ("val2014", num_val, 500000)):
-        os.makedirs(os.path.join(root, split), exist_ok=True)
-        images, annotations = [], []
-        for i in range(count):
-            image_id = first_id + i
-            color, shape, pos = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
-            img = draw_shape_image(rng, color, shape, pos)
-            if i % 20 == 19:
-                img = img.convert("L")
-            file_name = f"COCO_{split}_{image_id:012d}.jpg"
-            path = os.path.join(root, split, file_name)
-            img.save(path, quality=95)
-            if split == "train2014" and i == 7:
-                with open(path, "r+b") as f:
-                    f.truncate(os.path.getsize(path) // 2)
-            images.append({"id": image_id, "file_name": file_name, "width": img.width,
-                           "height": img.height, "coco_url": f"http://images.cocodataset.org/{split}/{file_name}"})
-            for template in rng.sample(TEMPLATES, rng.randint(4, 6)):
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                    "caption": template.format(color=color, shape=shape, pos=pos)})
-        with open(os.path.join(root, "annotations", f"captions_{split}.json"), "w") as f:
-            json.dump({"images": images, "annotations": annotations}, f)
-
-
-# ----------------------------------------------------------------------------- reading COCO
+# ----------------------------------------------------------------------------- reading
 
 def normalize_caption(text):
     return " ".join(text.split())
 
 
-def read_coco_split(coco_dir, split):
-    """COCO captions json -> [{image_id, file_name, path, captions}] sorted by image id."""
-    ann_path = os.path.join(coco_dir, "annotations", f"captions_{split}.json")
+def make_entry(image_id, folder, file_name, captions, coco_dir, base_url, url=None):
+    captions = [c for c in (normalize_caption(t) for t in captions) if c]
+    return {"image_id": int(image_id), "file_name": file_name, "captions": captions,
+            "path": os.path.join(coco_dir, folder, file_name),
+            "url": url or f"{base_url.rstrip('/')}/{folder}/{file_name}"}
+
+
+def read_coco_split(coco_dir, folder, base_url):
+    """captions_<folder>.json -> entries sorted by image id (images without captions left out)."""
+    ann_path = os.path.join(coco_dir, "annotations", f"captions_{folder}.json")
     if not os.path.isfile(ann_path):
-        raise FileNotFoundError(f"missing annotations file {ann_path}")
+        raise FileNotFoundError(f"missing annotations file {ann_path} (add --download to "
+                                f"fetch it)")
     with open(ann_path) as f:
         data = json.load(f)
     captions = {}
     for ann in data["annotations"]:
-        text = normalize_caption(ann["caption"])
-        if text:
-            captions.setdefault(ann["image_id"], []).append(text)
-    return [{"image_id": img["id"], "file_name": img["file_name"],
-             "path": os.path.join(coco_dir, split, img["file_name"]),
-             "captions": captions[img["id"]]}
-            for img in sorted(data["images"], key=lambda im: im["id"]) if img["id"] in captions]
+        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    entries = [make_entry(img["id"], folder, img["file_name"], captions.get(img["id"], []),
+                          coco_dir, base_url)
+               for img in sorted(data["images"], key=lambda im: im["id"])]
+    return [e for e in entries if e["captions"]]
 
 
-def decode_image(path, size, resample):
-    """-> ("ok", uint8 array) | ("non_rgb", None) | ("unreadable", None). Never raises, so one
-    bad file among 100,000 can't stop a run. Runs in worker processes."""
+def read_karpathy(source, coco_dir, base_url):
+    """Karpathy's dataset_coco.json, a parquet file, or a Hub dataset with the same columns
+    (filepath, filename, split, sentences, cocoid[, url]) -> {split: entries}.
+    restval goes to train, as in every codebase that uses this split."""
+    if source.endswith(".json"):
+        with open(source) as f:
+            rows = json.load(f)["images"]
+    else:
+        from datasets import concatenate_datasets, load_dataset
+
+        loaded = (load_dataset("parquet", data_files=source) if source.endswith(".parquet")
+                  else load_dataset(source))
+        rows = concatenate_datasets(list(loaded.values())).to_list()
+    splits = {"train": [], "validation": [], "test": []}
+    for row in rows:
+        split = {"train": "train", "restval": "train", "val": "validation",
+                 "test": "test"}[row["split"]]
+        sentences = [s["raw"] if isinstance(s, dict) else s for s in row["sentences"]]
+        entry = make_entry(row["cocoid"], row["filepath"], row["filename"], sentences,
+                           coco_dir, base_url, url=row.get("url") if base_url == COCO_BASE_URL
+                           else None)
+        if entry["captions"]:
+            splits[split].append(entry)
+    for entries in splits.values():
+        entries.sort(key=lambda e: e["image_id"])
+    return splits
+
+
+# ----------------------------------------------------------------------------- fetching
+
+def download_file(url, path, timeout, retries):
+    """Fetch url to path through a temporary name, so a partial file never passes for a whole
+    one. Retries transient failures with exponential backoff. -> None, or the error."""
+    error = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
+        try:
+            data = fetch_url(url, timeout, MAX_IMAGE_BYTES)
+        except FetchError as e:
+            error = e
+            if e.status in PERMANENT_HTTP:
+                break
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.part-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return None
+    return error
+
+
+def is_decodable(path):
+    try:
+        with open_image(path, draft_size=(64, 64)):
+            return True
+    except Exception:
+        return False
+
+
+def fetch_missing(entries, args, counts):
+    """Download the entries' images that are not already present and decodable, in parallel.
+    Failures are counted and left to decoding to skip."""
+    from tqdm import tqdm
+
+    todo = [e for e in entries if not is_decodable(e["path"])]
+    counts["already_present"] += len(entries) - len(todo)
+    if not todo:
+        return
+    with ThreadPoolExecutor(args.download_workers) as pool, \
+            tqdm(total=len(todo), desc="download  ", unit="img", file=sys.stderr,
+                 disable=args.quiet, leave=False) as bar:
+        for entry, error in zip(todo, pool.map(
+                lambda e: download_file(e["url"], e["path"], args.timeout, args.retries), todo)):
+            counts["downloaded" if error is None else "download_failed"] += 1
+            if error is not None and not args.quiet:
+                bar.write(f"{entry['url']}: {error}", file=sys.stderr)
+            bar.update(1)
+
+
+def fetch_annotations(coco_dir, base_url, args):
+    """captions_{train,val}2014.json: straight from a mirror that serves them, or else from
+    the official annotations_trainval2014.zip (extracting only the caption files)."""
+    ann_dir = os.path.join(coco_dir, "annotations")
+    needed = [f"captions_{f}.json" for f in ("train2014", "val2014")]
+    missing = [n for n in needed if not os.path.isfile(os.path.join(ann_dir, n))]
+    failures = [n for n in missing if download_file(f"{base_url}/annotations/{n}",
+                                                    os.path.join(ann_dir, n), args.timeout,
+                                                    args.retries) is not None]
+    if failures:
+        zip_path = os.path.join(ann_dir, "annotations_trainval2014.zip")
+        if not os.path.isfile(zip_path):
+            print("downloading annotations_trainval2014.zip (241 MB)", file=sys.stderr)
+            error = download_file(f"{base_url}/annotations/annotations_trainval2014.zip",
+                                  zip_path, max(args.timeout, 60), args.retries)
+            if error is not None:
+                raise FileNotFoundError(f"cannot download the COCO caption annotations: {error}")
+        with zipfile.ZipFile(zip_path) as z:
+            for name in failures:
+                with z.open(f"annotations/{name}") as src, \
+                        open(os.path.join(ann_dir, name), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def decode_image(path, size, resample, convert_grayscale=False):
+    """-> (status, uint8 array or None), status one of ok, converted, non_rgb, unreadable.
+    Never raises, so one bad file among 100,000 can't stop a run. Runs in worker processes."""
     try:
         with open_image(path, draft_size=(size[1], size[0])) as img:
-            if img.mode != "RGB":
-                return "non_rgb", None
-            return "ok", resize_to_uint8(img, size, resample)
+            if img.mode == "RGB":
+                return "ok", resize_to_uint8(img, size, resample)
+            if convert_grayscale:
+                return "converted", resize_to_uint8(to_rgb(img), size, resample)
+            return "non_rgb", None
     except Exception:  # truncated, zero-byte, missing, not an image: all the same to us
         return "unreadable", None
 
 
-def _decode_entry(job):
-    entry, size, resample = job
-    return decode_image(entry["path"], size, resample)
+def _decode_job(job):
+    return decode_image(*job)
 
 
-def iter_kept_images(entries, size, resample, num_proc, chunksize, counts):
-    """Yield (entry, pixels) for the RGB, readable entries, in order, counting the rest.
-
-    Decoding runs in `num_proc` processes; the caller may stop early (at --limit_data)."""
-    jobs = ((entry, size, resample) for entry in entries)
-    pool = Pool(num_proc) if num_proc > 1 else None
-    try:
-        results = pool.imap(_decode_entry, jobs, chunksize=chunksize) if pool else map(_decode_entry, jobs)
-        for entry, (status, pixels) in zip(entries, results):
+def kept_images(candidates, wanted, decode, counts, fetch=None):
+    """Yield (entry, pixels) for up to `wanted` usable images (None: all), taking candidates
+    from the iterator in waves no larger than what is still missing. Nothing past the last
+    image needed is fetched or decoded, and validation and test can share one iterator."""
+    kept = 0
+    while wanted is None or kept < wanted:
+        wave = list(itertools.islice(candidates, MAX_WAVE if wanted is None
+                                     else min(MAX_WAVE, wanted - kept)))
+        if not wave:
+            return
+        if fetch is not None:
+            fetch(wave, counts)
+        for entry, (status, pixels) in zip(wave, decode(wave)):
             counts["seen"] += 1
-            if status == "ok":
-                counts["kept"] += 1
-                yield entry, pixels
-            else:
+            if pixels is None:
                 counts[f"dropped_{status}"] += 1
-    finally:
-        if pool:
-            pool.terminate()
+                continue
+            counts["converted_non_rgb"] += status == "converted"
+            counts["kept"] += 1
+            kept += 1
+            yield entry, pixels
 
 
 def tokenize_captions(captions, tokenizer, max_length):
     """Captions -> token ids, each cut to max_length - 1 tokens and ended with EOS."""
-    ids = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer itself: 6x faster than going through
+        ids = [e.ids for e in backend.encode_batch(list(captions), add_special_tokens=False)]
+    else:
+        ids = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
     return [row[:max_length - 1] + [tokenizer.eos_token_id] for row in ids]
 
 
+def arrow_table(batch, caption_ids, features):
+    """(entry, uint8 pixels) rows -> one arrow table in `features`' schema, the pixels
+    passed as one flat buffer with computed offsets (datasets' per-example encoding of a
+    (3, 224, 224) array costs about as much as decoding the JPEG did)."""
+    import numpy as np
+    import pyarrow as pa
+
+    pixels = np.stack([p for _, p in batch])
+    n, c, h, w = pixels.shape
+    nested = pa.array(pixels.reshape(-1), type=pa.uint8())
+    for count, width in ((n * c * h, w), (n * c, h), (n, c)):
+        nested = pa.ListArray.from_arrays(np.arange(0, count * width + 1, width, dtype=np.int32),
+                                          nested)
+    schema = features.arrow_schema
+    pixel_type = schema.field("pixel_values").type
+    columns = {
+        "image_id": pa.array([e["image_id"] for e, _ in batch], pa.int64()),
+        "file_name": pa.array([e["file_name"] for e, _ in batch], pa.string()),
+        "pixel_values": pa.ExtensionArray.from_storage(pixel_type, nested.cast(pixel_type.storage_type)),
+        "captions": pa.array([e["captions"] for e, _ in batch], schema.field("captions").type),
+        "caption_ids": pa.array(caption_ids, schema.field("caption_ids").type),
+    }
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
 def write_split(rows, out_dir, features, tokenizer, max_length, progress):
-    """Stream (entry, pixels) rows into arrow shards of SHARD_IMAGES images each."""
+    """Stream (entry, pixels) rows into arrow shards of SHARD_IMAGES images each, up to 64
+    images per write."""
+    chunk = min(64, SHARD_IMAGES)
+    assert SHARD_IMAGES % chunk == 0, "a write must never straddle two shards"
     from datasets.arrow_writer import ArrowWriter
 
     os.makedirs(out_dir, exist_ok=True)
     writer, written, captions = None, 0, 0
-    for entry, pixels in rows:
+    rows = iter(rows)
+    while batch := list(itertools.islice(rows, chunk)):
         if written % SHARD_IMAGES == 0:
             if writer:
                 writer.finalize()
             shard = os.path.join(out_dir, f"shard-{written // SHARD_IMAGES:05d}.arrow")
             writer = ArrowWriter(features=features, path=shard)
-        writer.write(features.encode_example({
-            "image_id": entry["image_id"], "file_name": entry["file_name"],
-            "pixel_values": pixels, "captions": entry["captions"],
-            "caption_ids": tokenize_captions(entry["captions"], tokenizer, max_length)}))
-        written += 1
-        captions += len(entry["captions"])
-        progress.update(1)
+        ids = iter(tokenize_captions([c for e, _ in batch for c in e["captions"]], tokenizer,
+                                     max_length))
+        caption_ids = [list(itertools.islice(ids, len(e["captions"]))) for e, _ in batch]
+        writer.write_table(arrow_table(batch, caption_ids, features))
+        written += len(batch)
+        captions += sum(len(e["captions"]) for e, _ in batch)
+        progress.update(len(batch))
     if writer:
         writer.finalize()
     return written, captions
 
 
-def select_splits(coco_dir, limit_data, val_size, test_size, seed):
-    """Official split: train from train2014; validation and test drawn from val2014 without
-    overlap. Candidates are shuffled with `seed`, and the limits count *kept* images."""
-    train = read_coco_split(coco_dir, "train2014")
-    held_out = read_coco_split(coco_dir, "val2014")
-    random.Random(seed).shuffle(train)
-    random.Random(seed + 1).shuffle(held_out)
-    if limit_data is not None and limit_data > len(train):
-        raise ValueError(f"--limit_data {limit_data} is more than the {len(train)} captioned "
-                         f"images in train2014")
-    if val_size + test_size > len(held_out):
-        raise ValueError(f"--val_size {val_size} + --test_size {test_size} is more than the "
-                         f"{len(held_out)} captioned images in val2014")
-    return train, held_out
+# ----------------------------------------------------------------------------- the run
 
-
-def build_tokenizer(decoder_model, train_entries, work_dir):
-    if decoder_model == TINY:
-        return train_tiny_tokenizer((c for e in train_entries for c in e["captions"]),
-                                    os.path.join(work_dir, "bpe"))
-    return load_tokenizer(decoder_model)
+def select_candidates(args):
+    """-> (train candidates, iterator for validation, iterator for test). --limit_data,
+    --val_size and --test_size count *kept* images; candidates are taken in a seeded order."""
+    if args.split == "karpathy":
+        splits = read_karpathy(args.karpathy_json, args.coco_dir, args.coco_base_url)
+        train, val, test = splits["train"], splits["validation"], splits["test"]
+        random.Random(args.seed).shuffle(train)
+        val_iter, test_iter = iter(val), iter(test)
+        available = {"validation": len(val), "test": len(test)}
+    else:
+        if args.download:
+            fetch_annotations(args.coco_dir, args.coco_base_url, args)
+        train = read_coco_split(args.coco_dir, "train2014", args.coco_base_url)
+        held_out = read_coco_split(args.coco_dir, "val2014", args.coco_base_url)
+        random.Random(args.seed).shuffle(train)
+        random.Random(args.seed + 1).shuffle(held_out)
+        val_iter = test_iter = iter(held_out)  # one pass: the two never overlap
+        available = {"validation": len(held_out), "test": len(held_out)}
+    if not train:
+        raise ValueError("no captioned training images selected")
+    if args.limit_data is not None and args.limit_data > len(train):
+        raise ValueError(f"--limit_data {args.limit_data} is more than the {len(train)} "
+                         f"captioned training images")
+    if args.split == "official" and args.val_size + args.test_size > available["test"]:
+        raise ValueError(f"--val_size {args.val_size} + --test_size {args.test_size} is more "
+                         f"than the {available['test']} captioned images in val2014")
+    for split, size in (("validation", args.val_size), ("test", args.test_size)):
+        if size is not None and size > available[split]:
+            raise ValueError(f"--{'val' if split == 'validation' else 'test'}_size {size} is "
+                             f"more than the {available[split]} {split} images")
+    return train, val_iter, test_iter
 
 
 def prepare(args, work_dir):
     """Everything, written under work_dir. Returns the manifest."""
     from tqdm import tqdm
 
-    train, held_out = select_splits(args.coco_dir, args.limit_data, args.val_size,
-                                    args.test_size, args.seed)
+    train, val_iter, test_iter = select_candidates(args)
     processor = load_image_processor(args.encoder_model)
     size, resample = processor_size(processor), processor_resample(processor)
-    # A tiny tokenizer learns from the training split's captions only, never val/test.
-    tokenizer = build_tokenizer(args.decoder_model, train, work_dir)
+    # A tiny tokenizer learns from training captions only, never validation or test ones.
+    tokenizer = (train_tiny_tokenizer((c for e in train for c in e["captions"]),
+                                      os.path.join(work_dir, "bpe"))
+                 if args.decoder_model == TINY else load_tokenizer(args.decoder_model))
     features = split_features(size)
 
-    # Counts are per source folder: validation and test are both drawn from one pass over
-    # val2014, taken in turn from the same stream of kept images, so they never overlap.
-    counts = {name: dict(seen=0, kept=0, dropped_non_rgb=0, dropped_unreadable=0)
-              for name in ("train2014", "val2014")}
-    train_kept = iter_kept_images(train, size, resample, args.num_proc, args.batch_size,
-                                  counts["train2014"])
-    held_out_kept = iter_kept_images(held_out, size, resample, args.num_proc, args.batch_size,
-                                     counts["val2014"])
-    plan = (("train", train_kept, args.limit_data),  # None: all of train2014
-            ("validation", held_out_kept, args.val_size), ("test", held_out_kept, args.test_size))
-    rows, captions = {}, {}
+    pool = Pool(args.num_proc) if args.num_proc > 1 else None
+    jobs = lambda wave: [(e["path"], size, resample, args.convert_grayscale) for e in wave]  # noqa: E731
+    decode = ((lambda wave: pool.imap(_decode_job, jobs(wave), chunksize=args.batch_size))
+              if pool else (lambda wave: map(_decode_job, jobs(wave))))
+    fetch = (lambda wave, counts: fetch_missing(wave, args, counts)) if args.download else None
+    plan = (("train", iter(train), args.limit_data), ("validation", val_iter, args.val_size),
+            ("test", test_iter, args.test_size))
+    counts, rows, captions = {}, {}, {}
     try:
-        for split, kept, wanted in plan:
-            with tqdm(total=wanted or len(train), desc=f"{split:<10}", unit="img", file=sys.stderr,
+        for split, candidates, wanted in plan:
+            counts[split] = dict.fromkeys(
+                ("seen", "kept", "dropped_non_rgb", "dropped_unreadable", "converted_non_rgb",
+                 "already_present", "downloaded", "download_failed"), 0)
+            total = wanted or (len(train) if split == "train" else None)
+            with tqdm(total=total, desc=f"{split:<10}", unit="img", file=sys.stderr,
                       disable=args.quiet) as bar:
                 rows[split], captions[split] = write_split(
-                    itertools.islice(kept, wanted), os.path.join(work_dir, split), features,
-                    tokenizer, args.max_length, bar)
-            if wanted is not None and rows[split] < wanted:
+                    kept_images(candidates, wanted, decode, counts[split], fetch),
+                    os.path.join(work_dir, split), features, tokenizer, args.max_length, bar)
+            if rows[split] == 0 or (wanted is not None and rows[split] < wanted):
                 raise ValueError(f"only {rows[split]} usable images for the {split} split, "
-                                 f"{wanted} asked for")
+                                 f"{wanted or 'at least 1'} needed")
     finally:
-        train_kept.close()
-        held_out_kept.close()
+        if pool:
+            pool.terminate()
 
     tokenizer.save_pretrained(work_dir)
     processor.save_pretrained(work_dir)
     shutil.rmtree(os.path.join(work_dir, "bpe"), ignore_errors=True)
-    counts["total"] = {k: counts["train2014"][k] + counts["val2014"][k] for k in counts["val2014"]}
+    counts["total"] = {k: sum(counts[s][k] for s in SPLITS) for k in counts["train"]}
     return {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": args.source, "coco_dir": os.path.abspath(args.coco_dir), "split": "official",
+        "source": args.source, "coco_dir": os.path.abspath(args.coco_dir), "split": args.split,
         "encoder_model": args.encoder_model, "decoder_model": args.decoder_model,
         "image_size": list(size), "max_length": args.max_length,
         "vocab_size": len(tokenizer), "seed": args.seed,
+        "convert_grayscale": args.convert_grayscale,
         "rows": rows, "captions": captions, "images": counts,
     }
 
@@ -282,6 +388,12 @@ def parse_args(argv):
     p.add_argument("--coco_dir", default=None,
                    help="COCO 2014 root holding annotations/, train2014/, val2014/ "
                         "(default: ./coco, or ./data/shapes_coco with --source shapes)")
+    p.add_argument("--split", choices=["official", "karpathy"], default="official",
+                   help="official: train from train2014, validation and test drawn from "
+                        "val2014 without overlap; karpathy: the splits of --karpathy_json")
+    p.add_argument("--karpathy_json", default=None,
+                   help="Karpathy's dataset_coco.json, a parquet file with its columns, or a "
+                        "Hub dataset id such as yerevann/coco-karpathy")
     p.add_argument("--encoder_model", default="google/vit-base-patch16-224-in21k",
                    help="ViT Hub id or local directory, or 'tiny' for a small random ViT")
     p.add_argument("--decoder_model", default="gpt2",
@@ -289,10 +401,13 @@ def parse_args(argv):
                         "with a BPE tokenizer trained on the training captions")
     p.add_argument("--limit_data", type=int, default=None,
                    help="number of training *images* to keep after the RGB filter (not caption "
-                        "rows); default: all of train2014")
-    p.add_argument("--val_size", type=int, default=500, help="validation images, from val2014")
-    p.add_argument("--test_size", type=int, default=500,
-                   help="test images, from val2014, disjoint from validation")
+                        "rows) (default: all)")
+    p.add_argument("--val_size", type=int, default=None,
+                   help="validation images (default: 500 for official, all for karpathy)")
+    p.add_argument("--test_size", type=int, default=None,
+                   help="test images (default: 500 for official, all for karpathy)")
+    p.add_argument("--convert_grayscale", action="store_true",
+                   help="keep grayscale/CMYK images, converted to RGB, instead of dropping them")
     p.add_argument("--save_path", default="./processed_data", help="output directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --save_path (otherwise it is refused)")
@@ -302,6 +417,14 @@ def parse_args(argv):
                    help="images per decoding task handed to a worker process")
     p.add_argument("--num_proc", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                    help="processes decoding images in parallel")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the caption annotations and only the selected images that are "
+                        "not already in --coco_dir")
+    p.add_argument("--coco_base_url", default=COCO_BASE_URL, help="COCO server or mirror")
+    p.add_argument("--download_workers", type=int, default=16, help="parallel downloads")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per connect or read")
+    p.add_argument("--retries", type=int, default=3,
+                   help="retries of a failed download, with exponential backoff")
     p.add_argument("--seed", type=int, default=42, help="seed for choosing images")
     p.add_argument("--shapes_train", type=int, default=1000,
                    help="with --source shapes: images generated for train2014")
@@ -311,14 +434,21 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.coco_dir is None:
         args.coco_dir = "./data/shapes_coco" if args.source == "shapes" else "./coco"
-    for name in ("limit_data", "max_length", "num_proc", "batch_size"):
+    args.coco_base_url = args.coco_base_url.rstrip("/")
+    if args.split == "karpathy" and not args.karpathy_json:
+        p.error("--split karpathy needs --karpathy_json")
+    if args.split == "official":
+        args.val_size = 500 if args.val_size is None else args.val_size
+        args.test_size = 500 if args.test_size is None else args.test_size
+    for name in ("limit_data", "max_length", "num_proc", "batch_size", "val_size",
+                 "test_size", "download_workers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be at least 1")
     if args.max_length < 2:
         p.error("--max_length must leave room for EOS (at least 2)")
-    if args.val_size < 1 or args.test_size < 1:
-        p.error("--val_size and --test_size must be at least 1")
+    if args.retries < 0 or args.timeout <= 0:
+        p.error("--retries must be 0 or more and --timeout positive")
     return args
 
 
@@ -333,15 +463,17 @@ def main(argv=None):
             os.path.join(args.coco_dir, "annotations", "captions_train2014.json")):
         make_shapes_coco(args.coco_dir, args.shapes_train, args.shapes_val, seed=0)
 
+    for stale in glob.glob(f"{glob.escape(save_path)}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     work_dir = f"{save_path}.tmp-{os.getpid()}"
-    shutil.rmtree(work_dir, ignore_errors=True)
     os.makedirs(work_dir)
     try:
         manifest = prepare(args, work_dir)
         write_json(os.path.join(work_dir, MANIFEST), manifest)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError, KeyError) as e:
         shutil.rmtree(work_dir, ignore_errors=True)
-        print(f"dataloader.py: error: {e}", file=sys.stderr)
+        message = f"bad input file, missing field {e}" if isinstance(e, KeyError) else e
+        print(f"dataloader.py: error: {message}", file=sys.stderr)
         return 1
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -356,8 +488,12 @@ def main(argv=None):
         os.rename(work_dir, save_path)
 
     img = manifest["images"]["total"]
-    print(f"images seen {img['seen']}, kept {img['kept']}, dropped non-RGB "
-          f"{img['dropped_non_rgb']}, dropped unreadable {img['dropped_unreadable']}")
+    print(f"images seen {img['seen']}, kept {img['kept']} ({img['converted_non_rgb']} converted "
+          f"to RGB), dropped non-RGB {img['dropped_non_rgb']}, dropped unreadable "
+          f"{img['dropped_unreadable']}")
+    if args.download:
+        print(f"downloads: {img['downloaded']} fetched, {img['already_present']} already "
+              f"present, {img['download_failed']} failed")
     print("rows: " + ", ".join(f"{s} {n}" for s, n in manifest["rows"].items())
           + f" -> {args.save_path}")
     return 0

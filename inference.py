@@ -18,20 +18,18 @@ import json
 import os
 import re
 import sys
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 # Light: PIL and numpy only, torch and transformers are imported when a model is loaded, so
 # --help answers at once. Importing it first also sets transformers' log level.
 import numpy as np
 
-from captioning import (HelpFormatter, draft_size, load_image_processor, load_tokenizer,
+from captioning import (FetchError, HelpFormatter, draft_size, fetch_url,
+                        load_image_processor, load_tokenizer,
                         normalize_pixels, open_image, processor_resample, processor_size,
                         quiet_transformers, resize_to_uint8, to_rgb, uint8_from_images)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-MAX_REDIRECTS = 5
 
 
 class InputError(Exception):
@@ -57,48 +55,16 @@ def expand_sources(values):
     return sources
 
 
-class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
-    max_redirections = MAX_REDIRECTS
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not newurl.lower().startswith(("http://", "https://")):
-            raise InputError(f"redirect to a non-http(s) URL: {newurl}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def fetch_url(url, timeout, max_bytes):
-    """GET an http(s) URL -> bytes, with a timeout per connect/read, at most 5 redirects and
-    a size cap, so one bad server cannot hang or exhaust the run."""
-    if not url.lower().startswith(("http://", "https://")):
-        raise InputError("only http(s) URLs are supported")
-    opener = urllib.request.build_opener(_LimitedRedirects())
-    request = urllib.request.Request(url, headers={"User-Agent": "image-captioning/1.0"})
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise InputError(f"larger than the {max_bytes // 2**20} MB limit")
-            body = response.read(max_bytes + 1)
-    except urllib.error.HTTPError as e:
-        if e.code in (301, 302, 303, 307, 308):
-            raise InputError(f"more than {MAX_REDIRECTS} redirects") from None
-        raise InputError(f"HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise InputError(f"cannot fetch: {e.reason}") from None
-    except (TimeoutError, OSError) as e:
-        raise InputError(f"cannot fetch: {e or 'timed out'}") from None
-    if len(body) > max_bytes:
-        raise InputError(f"larger than the {max_bytes // 2**20} MB limit")
-    return body
-
-
 def load_source(source, timeout, max_bytes, draft=None):
     """URL or path -> RGB PIL image, or InputError with a one-line reason. `draft`: see
     captioning.open_image."""
     from PIL import Image, UnidentifiedImageError
 
     if "://" in source:
-        data = fetch_url(source, timeout, max_bytes)
+        try:
+            data = fetch_url(source, timeout, max_bytes)
+        except FetchError as e:
+            raise InputError(str(e)) from None
         if data.lstrip()[:15].lower().startswith((b"<!doctype", b"<html")):
             raise InputError("the URL returned an HTML page, not an image")
         target = data

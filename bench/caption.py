@@ -26,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import dataloader  # noqa: E402
+import shapes  # noqa: E402
 import inference  # noqa: E402
 
 
@@ -34,9 +34,9 @@ def write_photos(folder, n, seed=0):
     rng = random.Random(seed)
     paths = []
     for i in range(n):
-        img = dataloader.draw_shape_image(rng, rng.choice(list(dataloader.COLORS)),
-                                          rng.choice(dataloader.SHAPES),
-                                          rng.choice(list(dataloader.POSITIONS)), size=(640, 480))
+        img = shapes.draw_shape_image(rng, rng.choice(list(shapes.COLORS)),
+                                          rng.choice(shapes.SHAPES),
+                                          rng.choice(list(shapes.POSITIONS)), size=(640, 480))
         path = os.path.join(folder, f"photo_{i:04d}.jpg")
         img.save(path, quality=90)
         paths.append(path)

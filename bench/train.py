@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import dataloader  # noqa: E402
+import shapes  # noqa: E402
 import train  # noqa: E402
 from captioning import (build_model, load_image_processor, load_split,  # noqa: E402
                         load_tokenizer, quiet_transformers)
@@ -107,7 +108,7 @@ def main(argv=None):
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
         coco, data = os.path.join(tmp, "coco"), os.path.join(tmp, "data")
-        dataloader.make_shapes_coco(coco, num_train=args.images + args.images // 10, num_val=40)
+        shapes.make_shapes_coco(coco, num_train=args.images + args.images // 10, num_val=40)
         assert dataloader.main(["--coco_dir", coco, "--save_path", data, "--encoder_model",
                                 "tiny", "--decoder_model", "tiny", "--limit_data",
                                 str(args.images), "--val_size", "5", "--test_size", "5",

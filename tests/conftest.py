@@ -14,13 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import dataloader  # noqa: E402
+import shapes  # noqa: E402
 import train  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def shapes_coco(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shapes_coco"))
-    dataloader.make_shapes_coco(root, num_train=60, num_val=30, seed=0)
+    shapes.make_shapes_coco(root, num_train=60, num_val=30, seed=0)
     return root
 
 
@@ -62,8 +63,8 @@ def hub_shaped_dirs(tmp_path_factory):
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit_dir)
 
     bpe = ByteLevelBPETokenizer()
-    words = [f"{c} {s} in the {p}" for c in dataloader.COLORS for s in dataloader.SHAPES
-             for p in dataloader.POSITIONS]
+    words = [f"{c} {s} in the {p}" for c in shapes.COLORS for s in shapes.SHAPES
+             for p in shapes.POSITIONS]
     bpe.train_from_iterator(words * 5, vocab_size=600, special_tokens=["<|endoftext|>"],
                             show_progress=False)
     os.makedirs(gpt_dir)
@@ -78,8 +79,10 @@ def hub_shaped_dirs(tmp_path_factory):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     routes = {}
+    log = []
 
     def do_GET(self):  # noqa: N802
+        self.log.append(self.path)
         route = self.routes.get(self.path, (404, b"not found", "text/plain"))
         status, body, ctype = route[:3]
         options = route[3] if len(route) > 3 else {}
@@ -89,7 +92,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for key, value in options.get("headers", {}).items():
             self.send_header(key, value)
         if not options.get("no_length"):
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(options.get("length", len(body))))
         self.end_headers()
         try:
             self.wfile.write(body)
@@ -103,9 +106,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def http_server():
     """A server on 127.0.0.1 serving `routes[path] = (status, body, content_type[, options])`,
-    options: delay (s), extra headers, no_length (omit Content-Length)."""
-    routes = {}
-    handler = type("H", (_Handler,), {"routes": routes})
+    options: delay (s), extra headers, no_length (omit Content-Length), length (claim this
+    Content-Length: a larger one than the body makes a truncated response).
+    Every requested path is appended to `routes.log`."""
+
+    class Routes(dict):
+        log = []
+
+    routes = Routes()
+    handler = type("H", (_Handler,), {"routes": routes, "log": routes.log})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

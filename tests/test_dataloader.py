@@ -14,10 +14,10 @@ def test_manifest_counts_and_rows(prepared):
     m = json.load(open(os.path.join(prepared, "manifest.json")))
     assert m["encoder_model"] == "tiny" and m["decoder_model"] == "tiny"
     assert m["rows"] == {"train": 40, "validation": 8, "test": 10}
-    train = m["images"]["train2014"]
-    # 40 kept; in the first candidates some were grayscale (every 20th) or truncated (#7)
-    assert train["kept"] == 40
-    assert train["seen"] == train["kept"] + train["dropped_non_rgb"] + train["dropped_unreadable"]
+    for split, n in m["rows"].items():
+        c = m["images"][split]
+        assert c["kept"] == n
+        assert c["seen"] == c["kept"] + c["dropped_non_rgb"] + c["dropped_unreadable"]
     assert m["images"]["total"]["dropped_non_rgb"] >= 1
     for split, n in m["rows"].items():
         ds = load_split(prepared, split)
@@ -34,9 +34,12 @@ def test_exact_counts_over_a_whole_folder(shapes_coco, tmp_path):
                             "--val_size", "14", "--test_size", "14", "--num_proc", "2",
                             "--quiet"]) == 0
     m = json.load(open(out / "manifest.json"))
-    assert m["images"]["train2014"] == {"seen": 60, "kept": 56, "dropped_non_rgb": 3,
-                                        "dropped_unreadable": 1}
-    assert m["images"]["val2014"]["dropped_non_rgb"] == 1  # image 19 of 30 is grayscale
+    train = m["images"]["train"]
+    assert (train["seen"], train["kept"], train["dropped_non_rgb"],
+            train["dropped_unreadable"]) == (60, 56, 3, 1)
+    held_out = [m["images"][s] for s in ("validation", "test")]
+    assert sum(c["seen"] for c in held_out) in (29, 30)  # 28 kept + image 19 (grayscale)
+    assert sum(c["dropped_non_rgb"] for c in held_out) == 1
     assert m["rows"] == {"train": 56, "validation": 14, "test": 14}
 
 
@@ -51,6 +54,29 @@ def test_one_uint8_row_per_image_with_all_captions(prepared, shapes_coco):
         refs.setdefault(a["image_id"], []).append(" ".join(a["caption"].split()))
     for image_id, captions in zip(ds["image_id"], ds["captions"]):
         assert list(captions) == refs[image_id]  # all of them, whitespace-normalised
+
+
+def test_stored_pixels_are_the_decoded_files(prepared, shapes_coco):
+    from PIL import Image
+
+    ds = load_split(prepared, "validation")
+    for row in (ds[0], ds[len(ds) - 1]):
+        status, pixels = dataloader.decode_image(
+            os.path.join(shapes_coco, "val2014", row["file_name"]), (64, 64),
+            Image.Resampling.BILINEAR)
+        assert status == "ok" and np.array_equal(row["pixel_values"], pixels)
+
+
+def test_shards_split_at_the_shard_size(shapes_coco, tmp_path, monkeypatch):
+    monkeypatch.setattr(dataloader, "SHARD_IMAGES", 16)
+    out = tmp_path / "d"
+    assert dataloader.main(["--coco_dir", shapes_coco, "--save_path", str(out),
+                            "--encoder_model", "tiny", "--decoder_model", "tiny",
+                            "--limit_data", "40", "--val_size", "2", "--test_size", "2",
+                            "--quiet"]) == 0
+    assert sorted(os.listdir(out / "train")) == [f"shard-0000{i}.arrow" for i in range(3)]
+    ds = load_split(str(out), "train")
+    assert len(ds) == 40 and len(set(ds["image_id"])) == 40
 
 
 def test_every_caption_ends_with_eos(prepared):
@@ -98,6 +124,7 @@ def test_existing_save_path_is_refused_then_overwritten(shapes_coco, tmp_path, c
 @pytest.mark.parametrize("extra, message", [
     (["--limit_data", "100000"], "--limit_data 100000 is more than"),
     (["--val_size", "100", "--test_size", "100"], "more than the"),
+    (["--val_size", "20", "--test_size", "10"], "usable images for the test split"),
 ])
 def test_impossible_requests_give_one_line(shapes_coco, tmp_path, capsys, extra, message):
     rc = dataloader.main(["--coco_dir", shapes_coco, "--save_path", str(tmp_path / "d"),
