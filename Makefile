@@ -19,7 +19,7 @@ demo: install
 	$(PY) dataloader.py --source shapes --coco_dir $(DEMO)/shapes_coco --save_path $(DEMO)/processed \
 		--encoder_model tiny --decoder_model tiny --val_size 50 --test_size 100 --overwrite --quiet
 	$(PY) train.py --data_path $(DEMO)/processed --output_dir $(DEMO)/model --overwrite \
-		--epochs 40 --batch_size 16 --lr 1e-3 --warmup_steps 50 --run_name demo --quiet
+		--epochs 40 --batch_size 16 --lr 1e-3 --warmup_steps 50 --logging_steps 100 --run_name demo --quiet
 	$(PY) inference.py --model_path $(DEMO)/model \
 		--image_path $(DEMO)/shapes_coco/val2014/COCO_val2014_000000500000.jpg \
 		$(DEMO)/shapes_coco/val2014/COCO_val2014_000000500001.jpg \

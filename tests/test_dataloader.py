@@ -121,6 +121,22 @@ def test_existing_save_path_is_refused_then_overwritten(shapes_coco, tmp_path, c
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
 
 
+def test_interrupted_run_leaves_nothing_usable_and_a_rerun_works(shapes_coco, tmp_path):
+    import train
+
+    out = tmp_path / "data"
+    stale = tmp_path / "data.tmp-99999"  # what a killed run leaves: never at --save_path
+    (stale / "train").mkdir(parents=True)
+    (stale / "train" / "shard-00000.arrow").write_bytes(b"half")
+    with pytest.raises(ValueError, match="does not exist"):
+        train.read_manifest(str(out))
+    assert dataloader.main(["--coco_dir", shapes_coco, "--save_path", str(out),
+                            "--encoder_model", "tiny", "--decoder_model", "tiny",
+                            "--limit_data", "5", "--val_size", "2", "--test_size", "2",
+                            "--quiet"]) == 0
+    assert not stale.exists() and train.read_manifest(str(out))["rows"]["train"] == 5
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--limit_data", "100000"], "--limit_data 100000 is more than"),
     (["--val_size", "100", "--test_size", "100"], "more than the"),
