@@ -3,7 +3,6 @@ split from json and parquet, and every kind of bad image file."""
 
 import json
 import os
-import shutil
 
 import pytest
 from PIL import Image

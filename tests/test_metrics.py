@@ -1,7 +1,6 @@
 """metrics.py against pycocoevalcap called directly, and without Java."""
 
 import json
-import os
 
 import pytest
 
