@@ -179,7 +179,7 @@ def fetch_url(url, timeout, max_bytes):
         with opener.open(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
-                raise FetchError(f"larger than the {max_bytes // 2**20} MB limit")
+                raise FetchError(f"larger than the {max_bytes / 2**20:g} MB limit")
             body = response.read(max_bytes + 1)
     except urllib.error.HTTPError as e:
         if e.code in (301, 302, 303, 307, 308):
@@ -188,11 +188,11 @@ def fetch_url(url, timeout, max_bytes):
     except urllib.error.URLError as e:
         raise FetchError(f"cannot fetch: {e.reason}") from None
     except (TimeoutError, OSError) as e:
-        raise FetchError(f"cannot fetch: {e or 'timed out'}") from None
+        raise FetchError(f"cannot fetch: {str(e) or 'timed out'}") from None
     except http.client.HTTPException as e:  # IncompleteRead: the server hung up early
         raise FetchError(f"incomplete response: {type(e).__name__}") from None
     if len(body) > max_bytes:
-        raise FetchError(f"larger than the {max_bytes // 2**20} MB limit")
+        raise FetchError(f"larger than the {max_bytes / 2**20:g} MB limit")
     if length and length.isdigit() and len(body) < int(length):
         raise FetchError(f"incomplete response: {len(body)} of {length} bytes")
     return body
