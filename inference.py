@@ -27,7 +27,7 @@ import numpy as np
 from captioning import (FetchError, HelpFormatter, draft_size, fetch_url,
                         load_image_processor, load_tokenizer,
                         normalize_pixels, open_image, processor_resample, processor_size,
-                        quiet_transformers, resize_to_uint8, to_rgb, uint8_from_images)
+                        quiet_transformers, resize_to_uint8, to_rgb)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -137,14 +137,6 @@ def caption_pixels(uint8_batch, model, tokenizer, processor, **generate_kwargs):
     with torch.inference_mode():
         out = model.generate(pixel_values=pixels, **generate_kwargs)
     return [" ".join(t.split()) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-
-def caption_images(images, model, tokenizer, processor, **generate_kwargs):
-    """PIL images of any mode -> captions, one generate call for the whole batch."""
-    if not images:
-        return []
-    return caption_pixels(uint8_from_images(images, processor), model, tokenizer, processor,
-                          **generate_kwargs)
 
 
 def load_pixels(source, timeout, max_bytes, processor):

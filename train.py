@@ -108,8 +108,9 @@ def _caption_trainer_class():
     from transformers import Seq2SeqTrainer
 
     class CaptionTrainer(Seq2SeqTrainer):
-        """Seq2SeqTrainer whose evaluation batches hold each image's first caption (a steady
-        eval loss, and no draw from the RNG that training's caption sampling uses)."""
+        """Seq2SeqTrainer that (1) evaluates on each image's first caption (a steady eval loss,
+        and no draw from the RNG that training's caption sampling uses), (2) loads checkpoints
+        strictly, and (3) under torchrun evaluates the whole split on every process."""
 
         def __init__(self, *args, eval_collator, **kwargs):
             super().__init__(*args, **kwargs)
