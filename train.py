@@ -164,6 +164,9 @@ def _caption_trainer_class():
                       f"{len(target.state_dict())} tensors restored", file=sys.stderr)
 
         def _load_best_model(self):
+            # Under torchrun only rank 0 writes checkpoints: wait until the last one is on
+            # disk before any process reads the best (a race seen in a 2-process test run).
+            self.accelerator.wait_for_everyone()
             load_model_strict(self.state.best_model_checkpoint,
                               into=self.accelerator.unwrap_model(self.model))
 
