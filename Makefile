@@ -1,11 +1,12 @@
 # make demo: install, then prepare -> train -> caption on the built-in shapes set (offline).
-# make test: install, then the test suite (offline).
+# make test: install, then the whole test suite (offline), as CI runs it.
+# make test-fast: the fast tier only (in-memory tiny models; no pipeline runs, servers or torchrun).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := data/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) data runs

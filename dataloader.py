@@ -24,9 +24,9 @@ complete, so an interrupted run leaves nothing train.py would accept.
 """
 
 import argparse
+import functools
 import glob
 import itertools
-import json
 import os
 import random
 import shutil
@@ -34,92 +34,28 @@ import sys
 import time
 from multiprocessing import Pool
 
-from captioning import (FORMAT_VERSION, MANIFEST, SPLITS, TINY, HelpFormatter,
-                        load_image_processor, load_tokenizer, open_image, processor_resample,
-                        processor_size, resize_to_uint8, split_features, to_rgb,
-                        train_tiny_tokenizer, write_json)
-from download import COCO_BASE_URL, fetch_annotations, fetch_missing
-from shapes import make_shapes_coco
+from captioning.cli import (HelpFormatter, configure_runtime, error_exit, positive_float,
+                            positive_int, non_negative_int)
+from captioning.coco_download import fetch_annotations, fetch_missing
+from captioning.images import decode_for_storage, processor_resample, processor_size
+from captioning.modeling import (TINY, load_image_processor, load_tokenizer, tokenize_captions,
+                                 train_tiny_tokenizer)
+from captioning.shapes import make_shapes_coco
+from captioning.sources import COCO_BASE_URL, coco_annotation_path, read_coco_split, read_karpathy
+from captioning.store import FORMAT_VERSION, SPLITS, Manifest, split_features, write_split
 
-SHARD_IMAGES = 2048  # rows per arrow file: bounded memory while writing, few files to open
 MAX_WAVE = 512  # images fetched and decoded at a time: bounds memory on a 100,000-image run
-
-# ----------------------------------------------------------------------------- reading
-
-def normalize_caption(text):
-    return " ".join(text.split())
-
-
-def make_entry(image_id, folder, file_name, captions, coco_dir, base_url, url=None):
-    captions = [c for c in (normalize_caption(t) for t in captions) if c]
-    return {"image_id": int(image_id), "file_name": file_name, "captions": captions,
-            "path": os.path.join(coco_dir, folder, file_name),
-            "url": url or f"{base_url.rstrip('/')}/{folder}/{file_name}"}
-
-
-def read_coco_split(coco_dir, folder, base_url):
-    """captions_<folder>.json -> entries sorted by image id (images without captions left out)."""
-    ann_path = os.path.join(coco_dir, "annotations", f"captions_{folder}.json")
-    if not os.path.isfile(ann_path):
-        raise FileNotFoundError(f"missing annotations file {ann_path} (add --download to "
-                                f"fetch it)")
-    with open(ann_path) as f:
-        data = json.load(f)
-    captions = {}
-    for ann in data["annotations"]:
-        captions.setdefault(ann["image_id"], []).append(ann["caption"])
-    entries = [make_entry(img["id"], folder, img["file_name"], captions.get(img["id"], []),
-                          coco_dir, base_url)
-               for img in sorted(data["images"], key=lambda im: im["id"])]
-    return [e for e in entries if e["captions"]]
-
-
-def read_karpathy(source, coco_dir, base_url):
-    """Karpathy's dataset_coco.json, a parquet file, or a Hub dataset with the same columns
-    (filepath, filename, split, sentences, cocoid[, url]) -> {split: entries}.
-    restval goes to train, as in every codebase that uses this split."""
-    if source.endswith(".json"):
-        with open(source) as f:
-            rows = json.load(f)["images"]
-    else:
-        from datasets import concatenate_datasets, load_dataset
-
-        loaded = (load_dataset("parquet", data_files=source) if source.endswith(".parquet")
-                  else load_dataset(source))
-        rows = concatenate_datasets(list(loaded.values())).to_list()
-    splits = {"train": [], "validation": [], "test": []}
-    for row in rows:
-        split = {"train": "train", "restval": "train", "val": "validation",
-                 "test": "test"}[row["split"]]
-        sentences = [s["raw"] if isinstance(s, dict) else s for s in row["sentences"]]
-        entry = make_entry(row["cocoid"], row["filepath"], row["filename"], sentences,
-                           coco_dir, base_url, url=row.get("url") if base_url == COCO_BASE_URL
-                           else None)
-        if entry["captions"]:
-            splits[split].append(entry)
-    for entries in splits.values():
-        entries.sort(key=lambda e: e["image_id"])
-    return splits
-
 
 # ----------------------------------------------------------------------------- decoding
 
-def decode_image(path, size, resample, convert_grayscale=False):
-    """-> (status, uint8 array or None), status one of ok, converted, non_rgb, unreadable.
-    Never raises, so one bad file among 100,000 can't stop a run. Runs in worker processes."""
-    try:
-        with open_image(path, draft_size=(size[1], size[0])) as img:
-            if img.mode == "RGB":
-                return "ok", resize_to_uint8(img, size, resample)
-            if convert_grayscale:
-                return "converted", resize_to_uint8(to_rgb(img), size, resample)
-            return "non_rgb", None
-    except Exception:  # truncated, zero-byte, missing, not an image: all the same to us
-        return "unreadable", None
-
-
 def _decode_job(job):
-    return decode_image(*job)
+    return decode_for_storage(*job)
+
+
+def decode_wave(wave, size, resample, convert_grayscale, pool=None, chunksize=8):
+    """Entries -> iterator of (status, pixels), in order, in the pool's processes if any."""
+    jobs = [(e["path"], size, resample, convert_grayscale) for e in wave]
+    return pool.imap(_decode_job, jobs, chunksize=chunksize) if pool else map(_decode_job, jobs)
 
 
 def kept_images(candidates, wanted, decode, counts, fetch=None):
@@ -133,7 +69,7 @@ def kept_images(candidates, wanted, decode, counts, fetch=None):
         if not wave:
             return
         if fetch is not None:
-            fetch(wave, counts)
+            fetch(wave, counts=counts)
         for entry, (status, pixels) in zip(wave, decode(wave)):
             counts["seen"] += 1
             if pixels is None:
@@ -143,69 +79,6 @@ def kept_images(candidates, wanted, decode, counts, fetch=None):
             counts["kept"] += 1
             kept += 1
             yield entry, pixels
-
-
-def tokenize_captions(captions, tokenizer, max_length):
-    """Captions -> token ids, each cut to max_length - 1 tokens and ended with EOS."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # the Rust tokenizer itself: 6x faster than going through
-        ids = [e.ids for e in backend.encode_batch(list(captions), add_special_tokens=False)]
-    else:
-        ids = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-    return [row[:max_length - 1] + [tokenizer.eos_token_id] for row in ids]
-
-
-def arrow_table(batch, caption_ids, features):
-    """(entry, uint8 pixels) rows -> one arrow table in `features`' schema, the pixels
-    passed as one flat buffer with computed offsets (datasets' per-example encoding of a
-    (3, 224, 224) array costs about as much as decoding the JPEG did)."""
-    import numpy as np
-    import pyarrow as pa
-
-    pixels = np.stack([p for _, p in batch])
-    n, c, h, w = pixels.shape
-    nested = pa.array(pixels.reshape(-1), type=pa.uint8())
-    for count, width in ((n * c * h, w), (n * c, h), (n, c)):
-        nested = pa.ListArray.from_arrays(np.arange(0, count * width + 1, width, dtype=np.int32),
-                                          nested)
-    schema = features.arrow_schema
-    pixel_type = schema.field("pixel_values").type
-    columns = {
-        "image_id": pa.array([e["image_id"] for e, _ in batch], pa.int64()),
-        "file_name": pa.array([e["file_name"] for e, _ in batch], pa.string()),
-        "pixel_values": pa.ExtensionArray.from_storage(pixel_type, nested.cast(pixel_type.storage_type)),
-        "captions": pa.array([e["captions"] for e, _ in batch], schema.field("captions").type),
-        "caption_ids": pa.array(caption_ids, schema.field("caption_ids").type),
-    }
-    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
-
-
-def write_split(rows, out_dir, features, tokenizer, max_length, progress):
-    """Stream (entry, pixels) rows into arrow shards of SHARD_IMAGES images each, up to 64
-    images per write."""
-    chunk = min(64, SHARD_IMAGES)
-    assert SHARD_IMAGES % chunk == 0, "a write must never straddle two shards"
-    from datasets.arrow_writer import ArrowWriter
-
-    os.makedirs(out_dir, exist_ok=True)
-    writer, written, captions = None, 0, 0
-    rows = iter(rows)
-    while batch := list(itertools.islice(rows, chunk)):
-        if written % SHARD_IMAGES == 0:
-            if writer:
-                writer.finalize()
-            shard = os.path.join(out_dir, f"shard-{written // SHARD_IMAGES:05d}.arrow")
-            writer = ArrowWriter(features=features, path=shard)
-        ids = iter(tokenize_captions([c for e, _ in batch for c in e["captions"]], tokenizer,
-                                     max_length))
-        caption_ids = [list(itertools.islice(ids, len(e["captions"]))) for e, _ in batch]
-        writer.write_table(arrow_table(batch, caption_ids, features))
-        written += len(batch)
-        captions += sum(len(e["captions"]) for e, _ in batch)
-        progress.update(len(batch))
-    if writer:
-        writer.finalize()
-    return written, captions
 
 
 # ----------------------------------------------------------------------------- the run
@@ -257,10 +130,12 @@ def prepare(args, work_dir):
     features = split_features(size)
 
     pool = Pool(args.num_proc) if args.num_proc > 1 else None
-    jobs = lambda wave: [(e["path"], size, resample, args.convert_grayscale) for e in wave]  # noqa: E731
-    decode = ((lambda wave: pool.imap(_decode_job, jobs(wave), chunksize=args.batch_size))
-              if pool else (lambda wave: map(_decode_job, jobs(wave))))
-    fetch = (lambda wave, counts: fetch_missing(wave, args, counts)) if args.download else None
+    decode = functools.partial(decode_wave, size=size, resample=resample,
+                               convert_grayscale=args.convert_grayscale, pool=pool,
+                               chunksize=args.batch_size)
+    fetch = functools.partial(fetch_missing, args=args) if args.download else None
+    tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer,
+                                 max_length=args.max_length)
     plan = (("train", iter(train), args.limit_data), ("validation", val_iter, args.val_size),
             ("test", test_iter, args.test_size))
     counts, rows, captions = {}, {}, {}
@@ -274,7 +149,7 @@ def prepare(args, work_dir):
                       disable=args.quiet) as bar:
                 rows[split], captions[split] = write_split(
                     kept_images(candidates, wanted, decode, counts[split], fetch),
-                    os.path.join(work_dir, split), features, tokenizer, args.max_length, bar)
+                    os.path.join(work_dir, split), features, tokenize, bar)
             if rows[split] == 0 or (wanted is not None and rows[split] < wanted):
                 raise ValueError(f"only {rows[split]} usable images for the {split} split, "
                                  f"{wanted or 'at least 1'} needed")
@@ -286,7 +161,7 @@ def prepare(args, work_dir):
     processor.save_pretrained(work_dir)
     shutil.rmtree(os.path.join(work_dir, "bpe"), ignore_errors=True)
     counts["total"] = {k: sum(counts[s][k] for s in SPLITS) for k in counts["train"]}
-    return {
+    return Manifest({
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "source": args.source, "coco_dir": os.path.abspath(args.coco_dir), "split": args.split,
@@ -295,7 +170,7 @@ def prepare(args, work_dir):
         "vocab_size": len(tokenizer), "seed": args.seed,
         "convert_grayscale": args.convert_grayscale,
         "rows": rows, "captions": captions, "images": counts,
-    }
+    })
 
 
 def parse_args(argv):
@@ -318,36 +193,36 @@ def parse_args(argv):
     p.add_argument("--decoder_model", default="gpt2",
                    help="GPT-2 Hub id or local directory, or 'tiny' for a small random GPT-2 "
                         "with a BPE tokenizer trained on the training captions")
-    p.add_argument("--limit_data", type=int, default=None,
+    p.add_argument("--limit_data", type=positive_int, default=None,
                    help="number of training *images* to keep after the RGB filter (not caption "
                         "rows) (default: all)")
-    p.add_argument("--val_size", type=int, default=None,
+    p.add_argument("--val_size", type=positive_int, default=None,
                    help="validation images (default: 500 for official, all for karpathy)")
-    p.add_argument("--test_size", type=int, default=None,
+    p.add_argument("--test_size", type=positive_int, default=None,
                    help="test images (default: 500 for official, all for karpathy)")
     p.add_argument("--convert_grayscale", action="store_true",
                    help="keep grayscale/CMYK images, converted to RGB, instead of dropping them")
     p.add_argument("--save_path", default="./processed_data", help="output directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --save_path (otherwise it is refused)")
-    p.add_argument("--max_length", type=int, default=32,
+    p.add_argument("--max_length", type=positive_int, default=32,
                    help="maximum caption length in tokens, EOS included")
-    p.add_argument("--batch_size", type=int, default=8,
+    p.add_argument("--batch_size", type=positive_int, default=8,
                    help="images per decoding task handed to a worker process")
-    p.add_argument("--num_proc", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+    p.add_argument("--num_proc", type=positive_int, default=max(1, min(4, os.cpu_count() or 1)),
                    help="processes decoding images in parallel")
     p.add_argument("--download", action="store_true",
                    help="fetch the caption annotations and only the selected images that are "
                         "not already in --coco_dir")
     p.add_argument("--coco_base_url", default=COCO_BASE_URL, help="COCO server or mirror")
-    p.add_argument("--download_workers", type=int, default=16, help="parallel downloads")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per connect or read")
-    p.add_argument("--retries", type=int, default=3,
+    p.add_argument("--download_workers", type=positive_int, default=16, help="parallel downloads")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="seconds per connect or read")
+    p.add_argument("--retries", type=non_negative_int, default=3,
                    help="retries of a failed download, with exponential backoff")
     p.add_argument("--seed", type=int, default=42, help="seed for choosing images")
-    p.add_argument("--shapes_train", type=int, default=1000,
+    p.add_argument("--shapes_train", type=positive_int, default=1000,
                    help="with --source shapes: images generated for train2014")
-    p.add_argument("--shapes_val", type=int, default=300,
+    p.add_argument("--shapes_val", type=positive_int, default=300,
                    help="with --source shapes: images generated for val2014")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -359,27 +234,20 @@ def parse_args(argv):
     if args.split == "official":
         args.val_size = 500 if args.val_size is None else args.val_size
         args.test_size = 500 if args.test_size is None else args.test_size
-    for name in ("limit_data", "max_length", "num_proc", "batch_size", "val_size",
-                 "test_size", "download_workers"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name} must be at least 1")
     if args.max_length < 2:
         p.error("--max_length must leave room for EOS (at least 2)")
-    if args.retries < 0 or args.timeout <= 0:
-        p.error("--retries must be 0 or more and --timeout positive")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_runtime()
     save_path = os.path.abspath(args.save_path)
     if os.path.exists(save_path) and not args.overwrite:
-        print(f"dataloader.py: error: {args.save_path} exists; pass --overwrite to replace it",
-              file=sys.stderr)
-        return 2
+        return error_exit("dataloader.py", f"{args.save_path} exists; pass --overwrite to "
+                                           f"replace it")
     if args.source == "shapes" and not os.path.isfile(
-            os.path.join(args.coco_dir, "annotations", "captions_train2014.json")):
+            coco_annotation_path(args.coco_dir, "train2014")):
         make_shapes_coco(args.coco_dir, args.shapes_train, args.shapes_val, seed=0)
 
     for stale in glob.glob(f"{glob.escape(save_path)}.tmp-*"):  # left by a killed run
@@ -388,12 +256,11 @@ def main(argv=None):
     os.makedirs(work_dir)
     try:
         manifest = prepare(args, work_dir)
-        write_json(os.path.join(work_dir, MANIFEST), manifest)
+        manifest.write(work_dir)
     except (FileNotFoundError, ValueError, OSError, KeyError) as e:
         shutil.rmtree(work_dir, ignore_errors=True)
         message = f"bad input file, missing field {e}" if isinstance(e, KeyError) else e
-        print(f"dataloader.py: error: {message}", file=sys.stderr)
-        return 1
+        return error_exit("dataloader.py", message, code=1)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise

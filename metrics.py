@@ -25,10 +25,14 @@ import subprocess
 import sys
 import tempfile
 
+from captioning.sources import captions_by_image
+
 # What pycocoevalcap's PTBTokenizer drops after tokenising.
 PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
                 ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-METRIC_NAMES = ["bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "rouge2", "cider"]
+METRIC_NAMES = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "rouge2", "cider")
+# The ones tables and summaries show.
+TABLE_METRICS = ("bleu1", "bleu4", "meteor", "rougeL", "rouge2", "cider")
 
 
 def java_available():
@@ -177,10 +181,7 @@ def load_results_and_references(predictions_path, annotations_path):
     with open(predictions_path) as f:
         results = json.load(f)
     with open(annotations_path) as f:
-        annotations = json.load(f)["annotations"]
-    refs = {}
-    for ann in annotations:
-        refs.setdefault(ann["image_id"], []).append(ann["caption"])
+        refs = captions_by_image(json.load(f)["annotations"])
     ids = [r["image_id"] for r in results]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -193,7 +194,7 @@ def load_results_and_references(predictions_path, annotations_path):
 
 
 def main(argv=None):
-    from captioning import HelpFormatter
+    from captioning.cli import HelpFormatter
 
     parser = argparse.ArgumentParser(
         description="Score a COCO caption results file with BLEU-1..4, METEOR, ROUGE-L, "

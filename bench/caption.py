@@ -26,8 +26,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import shapes  # noqa: E402
-import inference  # noqa: E402
+from captioning import shapes  # noqa: E402
+from captioning.captioner import caption_sources as batched_captions, load_captioner  # noqa: E402
 
 
 def write_photos(folder, n, seed=0):
@@ -67,12 +67,12 @@ def main(argv=None):
     import torch
     from PIL import Image
 
-    from captioning import normalize_pixels, uint8_from_images
+    from captioning.images import normalize_pixels, uint8_from_images
 
-    model, tokenizer, processor = inference.load_captioner(args.model_path, "cpu")
+    model, tokenizer, processor = load_captioner(args.model_path, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_photos(tmp, args.images)
-        caption_sources = lambda: list(inference.caption_sources(  # noqa: E731
+        caption_sources = lambda: list(batched_captions(  # noqa: E731
             paths, model, tokenizer, processor, batch_size=args.batch_size))
         caption_sources()  # warm-up: first-call allocations, thread start
 

@@ -35,7 +35,7 @@ def make_photo_coco(root, n_train, n_val, seed=0):
     import numpy as np
     from PIL import Image
 
-    import shapes
+    from captioning import shapes
 
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     noise = [nrng.normal(0, 18, (480, 640, 3)) for _ in range(4)]
@@ -93,14 +93,13 @@ def run_earlier_take(coco, out, processor_dir, num_proc):
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    import captioning
-    import dataloader
+    from captioning.modeling import train_tiny_tokenizer
+    from captioning.sources import read_coco_split
 
     start = time.perf_counter()
     processor = AutoImageProcessor.from_pretrained(processor_dir)
-    entries = (dataloader.read_coco_split(coco, "train2014", "")
-               + dataloader.read_coco_split(coco, "val2014", ""))
-    tokenizer = captioning.train_tiny_tokenizer(
+    entries = (read_coco_split(coco, "train2014", "") + read_coco_split(coco, "val2014", ""))
+    tokenizer = train_tiny_tokenizer(
         (c for e in entries for c in e["captions"]), os.path.join(out + "-tok"))
     rows = {"pixel_values": [], "labels": []}
     for e in entries:
@@ -122,12 +121,12 @@ def run_floor(coco, out, processor_dir, num_proc):
 
     from transformers import AutoImageProcessor
 
-    import captioning
     import dataloader
+    from captioning.images import processor_resample, processor_size
 
     start = time.perf_counter()
     processor = AutoImageProcessor.from_pretrained(processor_dir)
-    size, resample = captioning.processor_size(processor), captioning.processor_resample(processor)
+    size, resample = processor_size(processor), processor_resample(processor)
     paths = [os.path.join(coco, folder, f) for folder in ("train2014", "val2014")
              for f in sorted(os.listdir(os.path.join(coco, folder)))]
     jobs = [(p, size, resample, False) for p in paths]

@@ -27,10 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import dataloader  # noqa: E402
-import shapes  # noqa: E402
-import train  # noqa: E402
-from captioning import (build_model, load_image_processor, load_split,  # noqa: E402
-                        load_tokenizer, quiet_transformers)
+from captioning import shapes  # noqa: E402
+from captioning.cli import quiet_transformers  # noqa: E402
+from captioning.modeling import build_model, load_image_processor, load_tokenizer  # noqa: E402
+from captioning.store import load_split  # noqa: E402
+from captioning.trainer import CaptionCollator, TrainView  # noqa: E402
 
 
 def earlier_take_dataset(ds, processor, tokenizer, path, max_length=32):
@@ -55,9 +56,12 @@ def earlier_take_dataset(ds, processor, tokenizer, path, max_length=32):
 WARMUP = 5  # steps left out of every timing: first-call allocations, Trainer set-up
 
 
-def run_trainer(model, dataset, collator, args, out):
-    """Seconds for steps WARMUP+1 .. --steps, timed at step ends by a callback."""
+def run_trainer(model, dataset, collator, args, out, ours):
+    """Seconds for steps WARMUP+1 .. --steps, timed at step ends by a callback. ours: train.py's
+    CaptionTrainer (token-weighted loss, counter-based caption draw); else Seq2SeqTrainer."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    from captioning.trainer import CaptionTrainer
 
     stamps = []
 
@@ -70,8 +74,10 @@ def run_trainer(model, dataset, collator, args, out):
         learning_rate=1e-3, save_strategy="no", eval_strategy="no", report_to="none",
         logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
         dataloader_pin_memory=False, use_cpu=True, seed=0)
-    trainer = Seq2SeqTrainer(model=model, args=targs, train_dataset=dataset,
-                             data_collator=collator, callbacks=[StepClock()])
+    extra = dict(eval_collator=collator, score=None) if ours else {}
+    trainer = (CaptionTrainer if ours else Seq2SeqTrainer)(
+        model=model, args=targs, train_dataset=dataset, data_collator=collator,
+        callbacks=[StepClock()], **extra)
     trainer.train()
     return stamps[-1] - stamps[WARMUP - 1]
 
@@ -122,16 +128,16 @@ def main(argv=None):
             set_seed(0)
             return build_model("tiny", "tiny", tokenizer, (64, 64))
 
-        collator = train.CaptionCollator(processor, sample_caption=True)
+        collator = CaptionCollator(processor)
         batches = [collator([ours_ds[j] for j in range(i, min(i + args.batch_size, len(ours_ds)))])
                    for i in range(0, len(ours_ds), args.batch_size)]
         # Interleaved repeats, best of each: this machine is shared and noisy.
         t_ours, t_earlier, t_floor = [], [], []
         for _ in range(args.repeats):
-            t_ours.append(run_trainer(fresh_model(), ours_ds, collator, args,
-                                      os.path.join(tmp, "o")))
+            t_ours.append(run_trainer(fresh_model(), TrainView(ours_ds, 0), collator, args,
+                                      os.path.join(tmp, "o"), ours=True))
             t_earlier.append(run_trainer(fresh_model(), earlier_ds, default_data_collator,
-                                         args, os.path.join(tmp, "e")))
+                                         args, os.path.join(tmp, "e"), ours=False))
             t_floor.append(run_floor(fresh_model(), batches, args.steps))
         t_ours, t_earlier, t_floor = min(t_ours), min(t_earlier), min(t_floor)
 

@@ -1,36 +1,107 @@
-"""Shared fixtures: a tiny built-in COCO-layout set, prepared data and a briefly trained model,
-all made once per session on real files under a temp dir. Nothing here touches the network."""
+"""Shared fixtures, in two tiers.
 
+Fast (in memory, seconds): `tiny` builds a tokenizer, an image processor, a tiny model and
+rows of pixels and caption ids in code, no dataloader run.
+
+Slow (real files under a temp dir, marked `slow`): the built-in COCO-layout set, a full
+dataloader.py run on it, and a briefly trained model; loopback HTTP servers; torchrun.
+`make test-fast` runs `pytest -m "not slow"`; `make test` runs both, as CI does.
+Nothing here touches the network.
+"""
+
+import dataclasses
 import http.server
-import json
 import os
+import socket
 import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import dataloader  # noqa: E402
-import shapes  # noqa: E402
-import train  # noqa: E402
+from captioning.modeling import TINY_IMAGE_SIZE  # noqa: E402
+
+TINY_SIZE = (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real files, subprocesses, servers (make test)")
+    config.addinivalue_line("markers", "upstream: notices an upstream bug that our code "
+                                       "works around; it fails when upstream fixes the bug")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- fast tier
+
+@dataclasses.dataclass
+class Tiny:
+    tokenizer: object
+    processor: object
+    rows: list  # {"pixel_values": uint8 (3, H, W), "captions": [...], "caption_ids": [[...]]}
+
+    def model(self, seed=0, **kwargs):
+        import torch
+
+        from captioning.modeling import build_model
+
+        torch.manual_seed(seed)
+        return build_model("tiny", "tiny", self.tokenizer, TINY_SIZE, **kwargs)
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A BPE trained on the shapes captions, a 64 px processor, and 24 rows of random
+    pixels, each with 2-5 tokenised captions."""
+    from captioning import shapes
+    from captioning.modeling import (load_image_processor, tokenize_captions,
+                                     train_tiny_tokenizer)
+
+    words = [t.format(color=c, shape=s, pos=p) for t in shapes.TEMPLATES
+             for c in shapes.COLORS for s in shapes.SHAPES for p in shapes.POSITIONS]
+    tokenizer = train_tiny_tokenizer(words, str(tmp_path_factory.mktemp("bpe")))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        captions = [words[j] for j in rng.choice(len(words), int(rng.integers(2, 6)))]
+        rows.append({"pixel_values": rng.integers(0, 256, (3, *TINY_SIZE), dtype=np.uint8),
+                     "image_id": i, "file_name": f"{i}.jpg", "captions": captions,
+                     "caption_ids": tokenize_captions(captions, tokenizer, 32)})
+    return Tiny(tokenizer, load_image_processor("tiny"), rows)
+
+
+# ----------------------------------------------------------------------------- slow tier
+
+@pytest.fixture(scope="session")
 def shapes_coco(tmp_path_factory):
+    from captioning import shapes
+
     root = str(tmp_path_factory.mktemp("shapes_coco"))
     shapes.make_shapes_coco(root, num_train=60, num_val=30, seed=0)
     return root
 
 
+PREPARED_ROWS = {"train": 40, "validation": 8, "test": 10}
+
+
 @pytest.fixture(scope="session")
 def prepared(shapes_coco, tmp_path_factory):
+    import dataloader
+
     out = str(tmp_path_factory.mktemp("prep") / "data")
     rc = dataloader.main(["--source", "coco", "--coco_dir", shapes_coco, "--save_path", out,
                           "--encoder_model", "tiny", "--decoder_model", "tiny",
-                          "--limit_data", "40", "--val_size", "8", "--test_size", "10",
+                          "--limit_data", str(PREPARED_ROWS["train"]),
+                          "--val_size", str(PREPARED_ROWS["validation"]),
+                          "--test_size", str(PREPARED_ROWS["test"]),
                           "--num_proc", "2", "--quiet"])
     assert rc == 0
     return out
@@ -38,6 +109,8 @@ def prepared(shapes_coco, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(prepared, tmp_path_factory):
+    import train
+
     base = tmp_path_factory.mktemp("train")
     out = str(base / "model")
     rc = train.main(["--data_path", prepared, "--output_dir", out, "--epochs", "2",
@@ -52,9 +125,13 @@ def hub_shaped_dirs(tmp_path_factory):
     """Local folders shaped like the Hub repos google/vit-base-patch16-224-in21k and gpt2:
     a ViTModel with preprocessor_config.json, and a GPT2LMHeadModel with vocab.json and
     merges.txt and no pad token, as the real gpt2 repo has."""
+    import json
+
     from tokenizers import ByteLevelBPETokenizer
     from transformers import (GPT2Config, GPT2LMHeadModel, ViTConfig, ViTImageProcessor,
                               ViTModel)
+
+    from captioning import shapes
 
     base = tmp_path_factory.mktemp("hub")
     vit_dir, gpt_dir = str(base / "vit"), str(base / "gpt2")

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+from metrics import METRIC_NAMES, compute_caption_metrics
 
 
 def run(*args, cwd):
@@ -15,6 +16,7 @@ def run(*args, cwd):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_three_scripts_end_to_end(tmp_path):
     py = lambda name: os.path.join(ROOT, name)  # noqa: E731
     r = run(py("dataloader.py"), "--source", "shapes", "--coco_dir", "shapes",
@@ -27,7 +29,12 @@ def test_three_scripts_end_to_end(tmp_path):
             "--batch_size", "8", "--lr", "1e-3", "--num_beams", "1", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     model_dir = tmp_path / "image_captioning_model"  # the default --output_dir
-    assert json.load(open(model_dir / "metrics.json"))["test"]["bleu4"] >= 0
+    test = json.load(open(model_dir / "metrics.json"))["test"]
+    preds = json.load(open(model_dir / "test_predictions.json"))
+    assert len(preds) == 6 and set(METRIC_NAMES) - {"meteor"} <= set(test)
+    rescored = compute_caption_metrics([p["caption"] for p in preds],
+                                       [p["references"] for p in preds])
+    assert rescored["cider"] == pytest.approx(test["cider"], abs=1e-9)
     assert os.listdir(tmp_path / "runs")  # TensorBoard, under runs/
     image = tmp_path / "shapes" / "val2014" / "COCO_val2014_000000500000.jpg"
     r = run(py("inference.py"), "--image_path", str(image), cwd=tmp_path)

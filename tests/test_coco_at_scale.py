@@ -8,7 +8,10 @@ import pytest
 from PIL import Image
 
 import dataloader
-from captioning import load_split
+from captioning.store import load_split
+
+
+pytestmark = pytest.mark.slow
 
 
 def _serve_coco_tree(root, routes, bad):

@@ -20,7 +20,9 @@ REFERENCES = [["A man surfing a big wave.", "a surfer rides the wave",
               ["A red bus on a street.", "double decker bus in London.",
                "A big red bus drives by", "bus", "Red bus -- city"]]
 
+# METEOR's Java start takes ~7 s: the Java tests are in the slow tier.
 java = pytest.mark.skipif(not metrics.java_available(), reason="needs java")
+slow = pytest.mark.slow
 
 
 def _pycocoevalcap_direct(predictions, references):
@@ -42,6 +44,7 @@ def _pycocoevalcap_direct(predictions, references):
     return out
 
 
+@slow
 @java
 def test_equal_to_pycocoevalcap():
     # pycocoevalcap's own ROUGE-L divides by zero on an empty caption, so the direct
@@ -53,6 +56,7 @@ def test_equal_to_pycocoevalcap():
         assert ours[key] == pytest.approx(value, abs=1e-6), key
 
 
+@slow
 @java
 def test_empty_prediction_scores_zero_not_crash():
     scores = metrics.compute_caption_metrics(PREDICTIONS, REFERENCES)
@@ -61,6 +65,7 @@ def test_empty_prediction_scores_zero_not_crash():
     assert one["rougeL"] == 0 and one["cider"] == 0 and one["rouge2"] == 0
 
 
+@slow
 def test_without_java_within_one_percent(monkeypatch, capsys):
     with_java = metrics.compute_caption_metrics(PREDICTIONS, REFERENCES, use_java=True) \
         if metrics.java_available() else None

@@ -1,5 +1,5 @@
 """train.py under real failures: SIGKILL mid-epoch then --resume, half-written checkpoints,
-strict checkpoint loads, torchrun with 2 processes, freezing and precision choices."""
+strict checkpoint loads, torchrun with 2 processes."""
 
 import json
 import os
@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import train
-from captioning import (build_model, find_resume_checkpoint, load_model_strict, load_tokenizer)
+from captioning.checkpoints import find_resume_checkpoint
+from captioning.modeling import build_model, load_model_strict, load_tokenizer
+from conftest import ROOT, TINY_SIZE, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 
 
 def _train_cmd(prepared, out, tmp_path, *extra):
@@ -42,22 +44,26 @@ def test_sigkill_mid_epoch_then_resume(prepared, tmp_path):
 
     resumed_from = find_resume_checkpoint(str(out))
     assert resumed_from is not None and int(resumed_from.rsplit("-", 1)[1]) >= 6
+    n_tensors = len(load_model_strict(resumed_from).state_dict())
     # Without --resume the output dir is protected.
     r = subprocess.run(_train_cmd(prepared, out, tmp_path), capture_output=True, text=True)
     assert r.returncode == 2 and "--resume" in r.stderr
     r = subprocess.run(_train_cmd(prepared, out, tmp_path, "--resume"), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed weights from {resumed_from}: all 85 tensors restored" in r.stderr
+    assert f"resumed weights from {resumed_from}: all {n_tensors} tensors restored" in r.stderr
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["train"]["global_step"] == 15  # the same as an uninterrupted run
     assert json.load(open(out / "checkpoint-15" / "trainer_state.json"))["global_step"] == 15
 
 
 def test_strict_resume_restores_every_tensor(trained, prepared):
-    """CaptionTrainer's checkpoint load against transformers' own, on the same checkpoint:
-    ours restores every tensor, theirs (at least in 5.x) misses the renamed ViT ones."""
-    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+    """CaptionTrainer's checkpoint load restores every tensor of a real checkpoint into a
+    model whose weights all differ (transformers' own loader misses the renamed ViT ones:
+    tests/test_model.py::test_upstream_raw_state_dict_load_loses_vit_tensors)."""
+    from transformers import Seq2SeqTrainingArguments
+
+    from captioning.trainer import CaptionTrainer
 
     out, _ = trained
     ckpt = find_resume_checkpoint(out)
@@ -66,20 +72,15 @@ def test_strict_resume_restores_every_tensor(trained, prepared):
     targs = Seq2SeqTrainingArguments(output_dir=os.path.join(out, "scratch"), report_to="none",
                                      use_cpu=True)
 
-    def fresh():
-        torch.manual_seed(123)
-        return build_model("tiny", "tiny", tok, (64, 64))
-
-    def restored(trainer_class):
-        model = fresh()
-        trainer_class(model=model, args=targs)._load_from_checkpoint(ckpt)
-        got = model.state_dict()
-        return sum(torch.equal(want[k], got[k]) for k in want)
-
-    caption_trainer = train._caption_trainer_class()
-    shim = type("T", (caption_trainer,), {"__init__": lambda self, **kw: Seq2SeqTrainer.__init__(self, **kw)})
-    assert restored(shim) == len(want) == 85
-    assert restored(Seq2SeqTrainer) < len(want)  # the transformers 5.x bug this guards
+    torch.manual_seed(123)
+    model = build_model("tiny", "tiny", tok, TINY_SIZE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    CaptionTrainer(model=model, args=targs, eval_collator=None, score=None
+                   )._load_from_checkpoint(ckpt)
+    got = model.state_dict()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
 
 
 def test_half_written_checkpoint_is_skipped(trained, tmp_path):
@@ -110,7 +111,7 @@ def test_torchrun_two_processes_write_outputs_once(prepared, tmp_path):
     out = tmp_path / "model"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29533", os.path.join(ROOT, "train.py"),
+                        "--master_port", str(free_port()), os.path.join(ROOT, "train.py"),
                         "--data_path", prepared, "--output_dir", str(out), "--max_steps", "4",
                         "--batch_size", "4", "--num_beams", "1", "--runs_dir",
                         str(tmp_path / "runs"), "--run_name", "ddp", "--quiet"],
@@ -125,26 +126,3 @@ def test_torchrun_two_processes_write_outputs_once(prepared, tmp_path):
     m = json.load(open(out / "metrics.json"))
     assert m["train"]["global_step"] == 4 and "bleu4" in m["test"]
     load_model_strict(str(out))
-
-
-def test_freezing(prepared):
-    tok = load_tokenizer(prepared)
-    model = build_model("tiny", "tiny", tok, (64, 64))
-    train.freeze(model, encoder=True, decoder=False)
-    assert not any(p.requires_grad for p in model.encoder.parameters())
-    assert all(p.requires_grad for p in model.decoder.parameters())
-    model = build_model("tiny", "tiny", tok, (64, 64))
-    train.freeze(model, encoder=False, decoder=True)
-    trainable = {n for n, p in model.decoder.named_parameters() if p.requires_grad}
-    assert any("crossattention" in n for n in trainable)
-    assert not any(".attn." in n or ".mlp." in n for n in trainable)
-    assert all(p.requires_grad for p in model.encoder.parameters())
-
-
-def test_precision_choice_on_cpu():
-    if torch.cuda.is_available():
-        pytest.skip("CPU behaviour")
-    assert train.resolve_precision("auto") == (False, False)
-    assert train.resolve_precision("fp32") == (False, False)
-    with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        train.resolve_precision("bf16")

@@ -10,6 +10,8 @@ import random
 
 from PIL import Image, ImageDraw
 
+from .sources import COCO_BASE_URL
+
 # Coloured shapes at positions, each image with 4-6 differently worded captions. Small
 # enough to learn in a minute on a CPU, varied enough that a model which ignores the image or
 # never stops talking scores badly.
@@ -68,7 +70,7 @@ def make_shapes_coco(root, num_train=1000, num_val=300, seed=0):
                 with open(path, "r+b") as f:
                     f.truncate(os.path.getsize(path) // 2)
             images.append({"id": image_id, "file_name": file_name, "width": img.width,
-                           "height": img.height, "coco_url": f"http://images.cocodataset.org/{split}/{file_name}"})
+                           "height": img.height, "coco_url": f"{COCO_BASE_URL}/{split}/{file_name}"})
             for template in rng.sample(TEMPLATES, rng.randint(4, 6)):
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                     "caption": template.format(color=color, shape=shape, pos=pos)})

@@ -1,16 +1,17 @@
 """What train.py shows people, besides the numbers: captioned preview images in TensorBoard
-at every evaluation, and a loss curve PNG and a metrics table in the output directory for
-those who don't run TensorBoard."""
+at every evaluation, the test predictions as JSON, and a loss curve PNG and a metrics table
+in the output directory for those who don't run TensorBoard."""
 
 import os
 import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
-TABLE_METRICS = ("bleu1", "bleu4", "meteor", "rougeL", "rouge2", "cider")
+from metrics import TABLE_METRICS
+
+from .store import write_json
 
 
 def _font(size):
@@ -49,24 +50,24 @@ def preview_markdown(predictions, references):
     return "\n".join(rows)
 
 
-class CaptionPreviewCallback(TrainerCallback):
+class PreviewWriter:
     """At each evaluation, log the same N validation images with the captions that evaluation
-    just generated for them (no extra generate call): over epochs, the captions improve."""
+    just generated for them (no extra generate call): over epochs, the captions improve.
+    Called by CaptionTrainer as on_predictions(prefix, predictions, step)."""
 
-    def __init__(self, tb_writer, pixels, references, scorer):
+    def __init__(self, tb_writer, pixels, references):
         self.tb_writer = tb_writer
         self.pixels = pixels
         self.references = references
-        self.scorer = scorer
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero or self.scorer.last_predictions is None:
+    def __call__(self, prefix, predictions, step):
+        if prefix != "eval" or not len(self.pixels):
             return
-        predictions = self.scorer.last_predictions[:len(self.pixels)]
+        predictions = predictions[:len(self.pixels)]
         grid = caption_grid(self.pixels, predictions, self.references)
-        self.tb_writer.add_image("preview/captions", grid, state.global_step, dataformats="HWC")
+        self.tb_writer.add_image("preview/captions", grid, step, dataformats="HWC")
         self.tb_writer.add_text("preview/captions", preview_markdown(predictions, self.references),
-                                state.global_step)
+                                step)
         self.tb_writer.flush()
 
 
@@ -118,3 +119,14 @@ def write_reports(output_dir, log_history, validation, test):
     save_loss_curve(log_history, os.path.join(output_dir, "loss_curve.png"))
     with open(os.path.join(output_dir, "metrics.md"), "w") as f:
         f.write(metrics_table(validation, test))
+
+
+def write_predictions(output_dir, dataset, predictions, prefix="test"):
+    """<prefix>_predictions.json (image, caption, references) and <prefix>_results_coco.json
+    (COCO's results format, for metrics.py), in split order."""
+    rows = [{"image_id": int(i), "file_name": f, "caption": c, "references": list(r)}
+            for i, f, c, r in zip(dataset["image_id"], dataset["file_name"], predictions,
+                                  dataset["captions"])]
+    write_json(os.path.join(output_dir, f"{prefix}_predictions.json"), rows)
+    write_json(os.path.join(output_dir, f"{prefix}_results_coco.json"),
+               [{"image_id": r["image_id"], "caption": r["caption"]} for r in rows])

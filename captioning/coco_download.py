@@ -1,4 +1,4 @@
-"""Fetching COCO 2014 for dataloader.py --download: the caption annotations, then only the
+"""COCO 2014 for dataloader.py --download: the caption annotations, then only the
 images a run selects, in parallel, with retries and backoff, resumable.
 
 A file is written under a temporary name and renamed when complete, so a partial download
@@ -12,9 +12,10 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
-from captioning import FetchError, fetch_url, open_image
+from .fetch import FetchError, fetch_url
+from .images import open_image
+from .sources import COCO_FOLDERS
 
-COCO_BASE_URL = "http://images.cocodataset.org"
 PERMANENT_HTTP = {400, 401, 403, 404, 410}  # no point retrying these
 MAX_IMAGE_BYTES = 50 * 2**20
 
@@ -43,7 +44,7 @@ def download_file(url, path, timeout, retries):
 
 def is_decodable(path):
     try:
-        with open_image(path, draft_size=(64, 64)):
+        with open_image(path, draft_box=(64, 64)):
             return True
     except Exception:
         return False
@@ -73,7 +74,7 @@ def fetch_annotations(coco_dir, base_url, args):
     """captions_{train,val}2014.json: straight from a mirror that serves them, or else from
     the official annotations_trainval2014.zip (extracting only the caption files)."""
     ann_dir = os.path.join(coco_dir, "annotations")
-    needed = [f"captions_{f}.json" for f in ("train2014", "val2014")]
+    needed = [f"captions_{f}.json" for f in COCO_FOLDERS]
     missing = [n for n in needed if not os.path.isfile(os.path.join(ann_dir, n))]
     failures = [n for n in missing if download_file(f"{base_url}/annotations/{n}",
                                                     os.path.join(ann_dir, n), args.timeout,

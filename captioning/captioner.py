@@ -1,0 +1,113 @@
+"""Captioning many images with a trained model: inputs fetched and decoded in threads while
+the model captions the previous batch, bad inputs reported one line each without stopping the
+others. inference.py is a command line around `caption_sources`; a demo page would be too.
+"""
+
+import collections
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .devices import pick_device
+from .fetch import FetchError, fetch_url
+from .images import load_uint8, normalize_pixels, processor_resample, processor_size
+from .modeling import decode_captions, fill_generation_ids, load_image_processor, load_tokenizer
+
+DEFAULT_MAX_DOWNLOAD_BYTES = 20 * 2**20
+
+
+class InputError(Exception):
+    """One input could not be turned into an image; the message names why."""
+
+
+def read_source(source, timeout, max_bytes):
+    """URL or path -> bytes or a path PIL can open, or InputError with a one-line reason."""
+    if "://" in source:
+        try:
+            data = fetch_url(source, timeout, max_bytes)
+        except FetchError as e:
+            raise InputError(str(e)) from None
+        if data.lstrip()[:15].lower().startswith((b"<!doctype", b"<html")):
+            raise InputError("the URL returned an HTML page, not an image")
+        return data
+    if not os.path.exists(source):
+        raise InputError("no such file")
+    if os.path.isdir(source):
+        raise InputError("is a directory with no images")
+    if os.path.getsize(source) == 0:
+        raise InputError("empty file")
+    return source
+
+
+def load_pixels(source, size, resample, timeout, max_bytes):
+    """URL or path -> the encoder's uint8 input through images.load_uint8 (the path training
+    data takes), or InputError. Runs in the thread pool."""
+    from PIL import Image, UnidentifiedImageError
+
+    target = read_source(source, timeout, max_bytes)
+    try:
+        return load_uint8(target, size, resample)
+    except UnidentifiedImageError:
+        raise InputError("not an image") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"refused as a decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise InputError(f"unreadable image: {e}") from None
+
+
+def iter_loaded(sources, pool, ahead, load, *load_args):
+    """Yield (source, load(source, *load_args) or InputError) in input order, with at most
+    `ahead` loads running in the pool, so a folder of 100,000 photos is never all in memory."""
+    pending = collections.deque()
+    todo = iter(sources)
+    for source in itertools.islice(todo, ahead):
+        pending.append((source, pool.submit(load, source, *load_args)))
+    while pending:
+        source, future = pending.popleft()
+        following = next(todo, None)
+        if following is not None:
+            pending.append((following, pool.submit(load, following, *load_args)))
+        try:
+            yield source, future.result()
+        except InputError as e:
+            yield source, e
+
+
+def load_captioner(model_path, device="auto"):
+    """A VisionEncoderDecoderModel directory or Hub id -> (model, tokenizer, processor)."""
+    from transformers import VisionEncoderDecoderModel
+
+    model = VisionEncoderDecoderModel.from_pretrained(model_path).to(pick_device(device)).eval()
+    tokenizer = load_tokenizer(model_path)
+    return fill_generation_ids(model, tokenizer), tokenizer, load_image_processor(model_path)
+
+
+def caption_pixels(uint8_batch, model, tokenizer, processor, **generate_kwargs):
+    """uint8 (B, 3, H, W) at the encoder's size -> captions, one generate call."""
+    import torch
+
+    pixels = normalize_pixels(uint8_batch, processor).to(model.device)
+    with torch.inference_mode():
+        out = model.generate(pixel_values=pixels, **generate_kwargs)
+    return decode_captions(out, tokenizer)
+
+
+def caption_sources(sources, model, tokenizer, processor, batch_size=16, workers=8,
+                    timeout=10.0, max_bytes=DEFAULT_MAX_DOWNLOAD_BYTES, **generate_kwargs):
+    """Yield (source, caption, None) or (source, None, InputError) for each source, in input
+    order."""
+    size, resample = processor_size(processor), processor_resample(processor)
+    with ThreadPoolExecutor(workers) as pool:
+        loaded = iter_loaded(sources, pool, 2 * batch_size, load_pixels, size, resample,
+                             timeout, max_bytes)
+        while chunk := list(itertools.islice(loaded, batch_size)):
+            good = [(s, px) for s, px in chunk if not isinstance(px, InputError)]
+            captions = iter(caption_pixels(np.stack([px for _, px in good]), model, tokenizer,
+                                           processor, **generate_kwargs) if good else [])
+            for source, pixels in chunk:
+                if isinstance(pixels, InputError):
+                    yield source, None, pixels
+                else:
+                    yield source, next(captions), None
