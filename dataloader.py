@@ -37,6 +37,7 @@ from multiprocessing import Pool
 from captioning.cli import (HelpFormatter, configure_runtime, error_exit, positive_float,
                             positive_int, non_negative_int)
 from captioning.coco_download import fetch_annotations, fetch_missing
+from captioning.fetch import Client
 from captioning.images import decode_for_storage, processor_resample, processor_size
 from captioning.modeling import (TINY, load_image_processor, load_tokenizer, tokenize_captions,
                                  train_tiny_tokenizer)
@@ -83,7 +84,7 @@ def kept_images(candidates, wanted, decode, counts, fetch=None):
 
 # ----------------------------------------------------------------------------- the run
 
-def select_candidates(args):
+def select_candidates(args, client=None):
     """-> (train candidates, iterator for validation, iterator for test). --limit_data,
     --val_size and --test_size count *kept* images; candidates are taken in a seeded order."""
     if args.split == "karpathy":
@@ -94,7 +95,7 @@ def select_candidates(args):
         available = {"validation": len(val), "test": len(test)}
     else:
         if args.download:
-            fetch_annotations(args.coco_dir, args.coco_base_url, args)
+            fetch_annotations(args.coco_dir, args.coco_base_url, args, client)
         train = read_coco_split(args.coco_dir, "train2014", args.coco_base_url)
         held_out = read_coco_split(args.coco_dir, "val2014", args.coco_base_url)
         random.Random(args.seed).shuffle(train)
@@ -120,7 +121,8 @@ def prepare(args, work_dir):
     """Everything, written under work_dir. Returns the manifest."""
     from tqdm import tqdm
 
-    train, val_iter, test_iter = select_candidates(args)
+    client = Client(args.download_workers, args.timeout) if args.download else None
+    train, val_iter, test_iter = select_candidates(args, client)
     processor = load_image_processor(args.encoder_model)
     size, resample = processor_size(processor), processor_resample(processor)
     # A tiny tokenizer learns from training captions only, never validation or test ones.
@@ -133,7 +135,7 @@ def prepare(args, work_dir):
     decode = functools.partial(decode_wave, size=size, resample=resample,
                                convert_grayscale=args.convert_grayscale, pool=pool,
                                chunksize=args.batch_size)
-    fetch = functools.partial(fetch_missing, args=args) if args.download else None
+    fetch = functools.partial(fetch_missing, args=args, client=client) if client else None
     tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer,
                                  max_length=args.max_length)
     plan = (("train", iter(train), args.limit_data), ("validation", val_iter, args.val_size),
@@ -156,6 +158,8 @@ def prepare(args, work_dir):
     finally:
         if pool:
             pool.terminate()
+        if client:
+            client.close()
 
     tokenizer.save_pretrained(work_dir)
     processor.save_pretrained(work_dir)

@@ -196,7 +196,10 @@ def make_training_args(args, run_dir, precision):
         activation_checkpointing=args.gradient_checkpointing,  # transformers 5 name
         dataloader_num_workers=args.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
-        # torchrun on a CPU-only machine: gloo, since NCCL needs GPUs
+        # On a machine without a GPU, accelerate treats torchrun's processes as data-parallel
+        # (MULTI_CPU, DDP over gloo) only when told use_cpu; without it each process trained
+        # alone, unsynchronised (measured in transformers 5.24 / accelerate 1.15).
+        use_cpu=pick_device() == "cpu",
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1
         and not torch.cuda.is_available() else None,
         seed=args.seed, disable_tqdm=args.quiet,
@@ -236,7 +239,7 @@ def write_outputs(args, trainer, train_result, test, test_ds, manifest, run_dir,
         "validation": validation, "test": test_metrics,
         "train": {**train_result.metrics, "global_step": step},
         "best_checkpoint": trainer.state.best_model_checkpoint, "data": manifest,
-        "tensorboard": run_dir})
+        "tensorboard": run_dir, "log_history": trainer.state.log_history})
     print(f"best checkpoint by {args.metric_for_best_model}: "
           f"{trainer.state.best_model_checkpoint}")
     print("test: " + ", ".join(f"{k} {test_metrics[k]:.4f}" for k in TABLE_METRICS

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .devices import pick_device
-from .fetch import FetchError, fetch_url
+from .fetch import Client, FetchError
 from .images import load_uint8, normalize_pixels, processor_resample, processor_size
 from .modeling import decode_captions, fill_generation_ids, load_image_processor, load_tokenizer
 
@@ -22,11 +22,11 @@ class InputError(Exception):
     """One input could not be turned into an image; the message names why."""
 
 
-def read_source(source, timeout, max_bytes):
+def read_source(source, client, max_bytes):
     """URL or path -> bytes or a path PIL can open, or InputError with a one-line reason."""
     if "://" in source:
         try:
-            data = fetch_url(source, timeout, max_bytes)
+            data = client.get_bytes(source, max_bytes)
         except FetchError as e:
             raise InputError(str(e)) from None
         if data.lstrip()[:15].lower().startswith((b"<!doctype", b"<html")):
@@ -41,12 +41,12 @@ def read_source(source, timeout, max_bytes):
     return source
 
 
-def load_pixels(source, size, resample, timeout, max_bytes):
+def load_pixels(source, size, resample, client, max_bytes):
     """URL or path -> the encoder's uint8 input through images.load_uint8 (the path training
     data takes), or InputError. Runs in the thread pool."""
     from PIL import Image, UnidentifiedImageError
 
-    target = read_source(source, timeout, max_bytes)
+    target = read_source(source, client, max_bytes)
     try:
         return load_uint8(target, size, resample)
     except UnidentifiedImageError:
@@ -99,9 +99,9 @@ def caption_sources(sources, model, tokenizer, processor, batch_size=16, workers
     """Yield (source, caption, None) or (source, None, InputError) for each source, in input
     order."""
     size, resample = processor_size(processor), processor_resample(processor)
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool, Client(workers, timeout) as client:
         loaded = iter_loaded(sources, pool, 2 * batch_size, load_pixels, size, resample,
-                             timeout, max_bytes)
+                             client, max_bytes)
         while chunk := list(itertools.islice(loaded, batch_size)):
             good = [(s, px) for s, px in chunk if not isinstance(px, InputError)]
             captions = iter(caption_pixels(np.stack([px for _, px in good]), model, tokenizer,

@@ -1,10 +1,16 @@
-"""COCO 2014 for dataloader.py --download: the caption annotations, then only the
-images a run selects, in parallel, with retries and backoff, resumable.
+"""COCO 2014 for dataloader.py --download: the caption annotations, then only the images a
+run selects, in parallel over one pooled HTTP client, with retries and backoff, resumable.
 
-A file is written under a temporary name and renamed when complete, so a partial download
-never passes for an image; files already present and decodable are not fetched again.
+The real host (images.cocodataset.org) serves no captions_*.json of its own: only
+annotations/annotations_trainval2014.zip (241 MB), which is streamed to disk (never held in
+memory), resumed with a Range request after an interruption, checked, and only then are the
+two caption files extracted from it. A mirror that serves the JSON files directly is used
+as is. Images go through a temporary name, so a partial download never passes for one; an
+image already on disk is not fetched again, and each image is decoded once, by the step that
+builds the rows.
 """
 
+import functools
 import os
 import shutil
 import sys
@@ -12,83 +18,127 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
-from .fetch import FetchError, fetch_url
-from .images import open_image
+from .fetch import Client, FetchError
 from .sources import COCO_FOLDERS
 
 PERMANENT_HTTP = {400, 401, 403, 404, 410}  # no point retrying these
 MAX_IMAGE_BYTES = 50 * 2**20
+MAX_ARCHIVE_BYTES = 2 * 2**30  # annotations_trainval2014.zip is 241 MB
+ARCHIVE = "annotations_trainval2014.zip"
 
-def download_file(url, path, timeout, retries):
-    """Fetch url to path through a temporary name, so a partial file never passes for a whole
-    one. Retries transient failures with exponential backoff. -> None, or the error."""
+
+def with_retries(action, retries):
+    """Run action() until it succeeds, retrying transient FetchErrors with exponential
+    backoff. -> None, or the last error."""
     error = None
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
         try:
-            data = fetch_url(url, timeout, MAX_IMAGE_BYTES)
+            action()
+            return None
         except FetchError as e:
             error = e
             if e.status in PERMANENT_HTTP:
                 break
-            continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.part-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return None
     return error
 
 
-def is_decodable(path):
-    try:
-        with open_image(path, draft_box=(64, 64)):
-            return True
-    except Exception:
-        return False
+def save_url(client, url, path, max_bytes):
+    """One small file (an image, a caption JSON) to path through a temporary name."""
+    data = client.get_bytes(url, max_bytes)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.part-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
-def fetch_missing(entries, args, counts):
-    """Download the entries' images that are not already present and decodable, in parallel.
-    Failures are counted and left to decoding to skip."""
+def is_present(path):
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def fetch_image(entry, client, retries):
+    return with_retries(functools.partial(save_url, client, entry["url"], entry["path"],
+                                          MAX_IMAGE_BYTES), retries)
+
+
+def fetch_missing(entries, *, args, client, counts):
+    """Download the entries' images that are not on disk yet, in parallel. Failures are
+    counted and left to decoding to skip."""
     from tqdm import tqdm
 
-    todo = [e for e in entries if not is_decodable(e["path"])]
+    todo = [e for e in entries if not is_present(e["path"])]
     counts["already_present"] += len(entries) - len(todo)
     if not todo:
         return
     with ThreadPoolExecutor(args.download_workers) as pool, \
             tqdm(total=len(todo), desc="download  ", unit="img", file=sys.stderr,
                  disable=args.quiet, leave=False) as bar:
-        for entry, error in zip(todo, pool.map(
-                lambda e: download_file(e["url"], e["path"], args.timeout, args.retries), todo)):
+        fetch = functools.partial(fetch_image, client=client, retries=args.retries)
+        for entry, error in zip(todo, pool.map(fetch, todo)):
             counts["downloaded" if error is None else "download_failed"] += 1
             if error is not None and not args.quiet:
                 bar.write(f"{entry['url']}: {error}", file=sys.stderr)
             bar.update(1)
 
 
-def fetch_annotations(coco_dir, base_url, args):
+def download_archive(client, url, path, retries, quiet):
+    """The annotations archive, streamed to disk with a bar in MB, resumed where a .part
+    was left."""
+    from tqdm import tqdm
+
+    with tqdm(desc=os.path.basename(path), unit="MB", unit_scale=1 / 2**20, file=sys.stderr,
+              disable=quiet, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} MB [{elapsed}]") as bar:
+        def progress(done, total):
+            if total is not None and bar.total != total:
+                bar.total = total
+            bar.update(done - bar.n)
+
+        return with_retries(functools.partial(client.download, url, path, MAX_ARCHIVE_BYTES,
+                                              progress), retries)
+
+
+def extract_captions(zip_path, names, ann_dir):
+    """Check the archive and extract annotations/<name> for each name; all or nothing.
+    A broken archive is deleted and reported (FileNotFoundError)."""
+    extracted = []
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            for name in names:
+                tmp = os.path.join(ann_dir, f"{name}.part")
+                with z.open(f"annotations/{name}") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)  # the CRC is checked at the end
+                extracted.append((tmp, os.path.join(ann_dir, name)))
+    except (zipfile.BadZipFile, KeyError, EOFError, OSError) as e:
+        for tmp, _ in extracted:
+            os.remove(tmp)
+        os.remove(zip_path)
+        raise FileNotFoundError(f"{zip_path} is broken ({e}); it was deleted, run again to "
+                                f"download it anew") from None
+    for tmp, final in extracted:
+        os.replace(tmp, final)
+
+
+def fetch_annotations(coco_dir, base_url, args, client):
     """captions_{train,val}2014.json: straight from a mirror that serves them, or else from
     the official annotations_trainval2014.zip (extracting only the caption files)."""
     ann_dir = os.path.join(coco_dir, "annotations")
-    needed = [f"captions_{f}.json" for f in COCO_FOLDERS]
-    missing = [n for n in needed if not os.path.isfile(os.path.join(ann_dir, n))]
-    failures = [n for n in missing if download_file(f"{base_url}/annotations/{n}",
-                                                    os.path.join(ann_dir, n), args.timeout,
-                                                    args.retries) is not None]
-    if failures:
-        zip_path = os.path.join(ann_dir, "annotations_trainval2014.zip")
-        if not os.path.isfile(zip_path):
-            print("downloading annotations_trainval2014.zip (241 MB)", file=sys.stderr)
-            error = download_file(f"{base_url}/annotations/annotations_trainval2014.zip",
-                                  zip_path, max(args.timeout, 60), args.retries)
-            if error is not None:
-                raise FileNotFoundError(f"cannot download the COCO caption annotations: {error}")
-        with zipfile.ZipFile(zip_path) as z:
-            for name in failures:
-                with z.open(f"annotations/{name}") as src, \
-                        open(os.path.join(ann_dir, name), "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+    missing = [f"captions_{f}.json" for f in COCO_FOLDERS
+               if not os.path.isfile(os.path.join(ann_dir, f"captions_{f}.json"))]
+    zip_path = os.path.join(ann_dir, ARCHIVE)
+    if not missing:
+        return
+    if not os.path.isfile(zip_path) and not os.path.isfile(f"{zip_path}.part"):
+        missing = [n for n in missing if with_retries(functools.partial(
+            save_url, client, f"{base_url}/annotations/{n}", os.path.join(ann_dir, n),
+            MAX_IMAGE_BYTES), 0) is not None]
+    if not missing:
+        return
+    if not os.path.isfile(zip_path):
+        error = download_archive(client, f"{base_url}/annotations/{ARCHIVE}", zip_path,
+                                 args.retries, args.quiet)
+        if error is not None:
+            raise FileNotFoundError(f"cannot download the COCO caption annotations: {error} "
+                                    f"(what arrived is kept and resumed by the next run)")
+    extract_captions(zip_path, missing, ann_dir)

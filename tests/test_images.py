@@ -34,7 +34,7 @@ def test_exif_rotated_photo_gives_identical_pixels_in_training_and_inference(tmp
     _exif_rotated_photo(path)
     size = (224, 224)
     status, stored = decode_for_storage(path, size, BILINEAR)  # dataloader.py
-    served = load_pixels(path, size, BILINEAR, timeout=1, max_bytes=10**8)  # inference.py
+    served = load_pixels(path, size, BILINEAR, client=None, max_bytes=10**8)  # inference.py
     assert status == "ok"
     assert stored.dtype == served.dtype == np.uint8 and stored.shape == (3, 224, 224)
     assert np.array_equal(stored, served)
@@ -96,7 +96,7 @@ def test_inference_path_refuses_bad_files_in_one_line(tmp_path):
     for name, reason in (("text.png", "not an image"), ("empty.jpg", "empty file"),
                          ("missing.jpg", "no such file")):
         with pytest.raises(InputError, match=reason):
-            load_pixels(str(tmp_path / name), (16, 16), BILINEAR, timeout=1, max_bytes=10**6)
+            load_pixels(str(tmp_path / name), (16, 16), BILINEAR, client=None, max_bytes=10**6)
 
 
 def test_normalisation_matches_the_image_processor():
