@@ -1,12 +1,13 @@
 # make demo: install, then prepare -> train -> caption on the built-in shapes set (offline).
 # make test: install, then the whole test suite (offline), as CI runs it.
+# make rehearse: the real architectures (ViT-B/16 + GPT-2 124M, random weights) through every script.
 # make test-fast: the fast tier only (in-memory tiny models; no pipeline runs, servers or torchrun).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := data/demo
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast rehearse install clean
 
 install: $(VENV)/.installed
 
@@ -29,10 +30,13 @@ demo: install
 		print('test BLEU-4 %.4f  CIDEr %.3f  (from $(DEMO)/model/metrics.json)' % (m['bleu4'], m['cider']))"
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not rehearsal" tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not rehearsal" tests
+
+rehearse: install
+	$(PY) -m pytest -q -s -m rehearsal tests
 
 clean:
 	rm -rf $(VENV) data runs

@@ -45,6 +45,8 @@ from captioning.shapes import make_shapes_coco
 from captioning.sources import COCO_BASE_URL, coco_annotation_path, read_coco_split, read_karpathy
 from captioning.store import FORMAT_VERSION, SPLITS, Manifest, split_features, write_split
 
+DEFAULT_ENCODER = "google/vit-base-patch16-224-in21k"
+DEFAULT_DECODER = "gpt2"
 MAX_WAVE = 512  # images fetched and decoded at a time: bounds memory on a 100,000-image run
 
 # ----------------------------------------------------------------------------- decoding
@@ -84,15 +86,44 @@ def kept_images(candidates, wanted, decode, counts, fetch=None):
 
 # ----------------------------------------------------------------------------- the run
 
+def note(message):
+    print(f"dataloader.py: {message}", file=sys.stderr)
+
+
+def fit_sizes(args, available):
+    """--limit_data, --val_size and --test_size against what the data holds -> the wanted
+    kept-image counts {split: n or None (all)}. Asking for more than there is takes what
+    there is and says so, as the HF scripts' --max_train_samples do."""
+    wanted = {"train": args.limit_data, "validation": args.val_size, "test": args.test_size}
+    if wanted["train"] is not None and wanted["train"] > available["train"]:
+        note(f"--limit_data {wanted['train']}: there are only {available['train']} captioned "
+             f"training images; taking all of them")
+        wanted["train"] = None
+    held = available.get("held_out")
+    if held is not None and wanted["validation"] + wanted["test"] > held:
+        share = wanted["validation"] / (wanted["validation"] + wanted["test"])
+        note(f"val2014 has {held} captioned images, fewer than --val_size "
+             f"{wanted['validation']} + --test_size {wanted['test']}: splitting them "
+             f"{share:.0%} / {1 - share:.0%} into validation and test")
+        wanted["validation"], wanted["test"] = max(1, round(held * share)), None
+    for split, flag in (("validation", "--val_size"), ("test", "--test_size")):
+        if split in available and wanted[split] is not None and wanted[split] > available[split]:
+            note(f"{flag} {wanted[split]}: there are only {available[split]} {split} images; "
+                 f"taking all of them")
+            wanted[split] = None
+    return wanted
+
+
 def select_candidates(args, client=None):
-    """-> (train candidates, iterator for validation, iterator for test). --limit_data,
-    --val_size and --test_size count *kept* images; candidates are taken in a seeded order."""
+    """-> (train entries, [(split, candidate iterator, wanted kept images or None)]).
+    --limit_data, --val_size and --test_size count *kept* images; candidates are taken in a
+    seeded order."""
     if args.split == "karpathy":
         splits = read_karpathy(args.karpathy_json, args.coco_dir, args.coco_base_url)
         train, val, test = splits["train"], splits["validation"], splits["test"]
         random.Random(args.seed).shuffle(train)
         val_iter, test_iter = iter(val), iter(test)
-        available = {"validation": len(val), "test": len(test)}
+        available = {"train": len(train), "validation": len(val), "test": len(test)}
     else:
         if args.download:
             fetch_annotations(args.coco_dir, args.coco_base_url, args, client)
@@ -101,20 +132,13 @@ def select_candidates(args, client=None):
         random.Random(args.seed).shuffle(train)
         random.Random(args.seed + 1).shuffle(held_out)
         val_iter = test_iter = iter(held_out)  # one pass: the two never overlap
-        available = {"validation": len(held_out), "test": len(held_out)}
+        available = {"train": len(train), "held_out": len(held_out)}
     if not train:
         raise ValueError("no captioned training images selected")
-    if args.limit_data is not None and args.limit_data > len(train):
-        raise ValueError(f"--limit_data {args.limit_data} is more than the {len(train)} "
-                         f"captioned training images")
-    if args.split == "official" and args.val_size + args.test_size > available["test"]:
-        raise ValueError(f"--val_size {args.val_size} + --test_size {args.test_size} is more "
-                         f"than the {available['test']} captioned images in val2014")
-    for split, size in (("validation", args.val_size), ("test", args.test_size)):
-        if size is not None and size > available[split]:
-            raise ValueError(f"--{'val' if split == 'validation' else 'test'}_size {size} is "
-                             f"more than the {available[split]} {split} images")
-    return train, val_iter, test_iter
+    wanted = fit_sizes(args, available)
+    return train, [("train", iter(train), wanted["train"]),
+                   ("validation", val_iter, wanted["validation"]),
+                   ("test", test_iter, wanted["test"])]
 
 
 def prepare(args, work_dir):
@@ -122,7 +146,7 @@ def prepare(args, work_dir):
     from tqdm import tqdm
 
     client = Client(args.download_workers, args.timeout) if args.download else None
-    train, val_iter, test_iter = select_candidates(args, client)
+    train, plan = select_candidates(args, client)
     processor = load_image_processor(args.encoder_model)
     size, resample = processor_size(processor), processor_resample(processor)
     # A tiny tokenizer learns from training captions only, never validation or test ones.
@@ -138,8 +162,6 @@ def prepare(args, work_dir):
     fetch = functools.partial(fetch_missing, args=args, client=client) if client else None
     tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer,
                                  max_length=args.max_length)
-    plan = (("train", iter(train), args.limit_data), ("validation", val_iter, args.val_size),
-            ("test", test_iter, args.test_size))
     counts, rows, captions = {}, {}, {}
     try:
         for split, candidates, wanted in plan:
@@ -192,16 +214,20 @@ def parse_args(argv):
     p.add_argument("--karpathy_json", default=None,
                    help="Karpathy's dataset_coco.json, a parquet file with its columns, or a "
                         "Hub dataset id such as yerevann/coco-karpathy")
-    p.add_argument("--encoder_model", default="google/vit-base-patch16-224-in21k",
-                   help="ViT Hub id or local directory, or 'tiny' for a small random ViT")
-    p.add_argument("--decoder_model", default="gpt2",
+    p.add_argument("--encoder_model", default=None,
+                   help="ViT Hub id or local directory, or 'tiny' for a small random ViT "
+                        f"(default: {DEFAULT_ENCODER}; tiny with --source shapes)")
+    p.add_argument("--decoder_model", default=None,
                    help="GPT-2 Hub id or local directory, or 'tiny' for a small random GPT-2 "
-                        "with a BPE tokenizer trained on the training captions")
+                        "with a BPE tokenizer trained on the training captions "
+                        f"(default: {DEFAULT_DECODER}; tiny with --source shapes)")
     p.add_argument("--limit_data", type=positive_int, default=None,
                    help="number of training *images* to keep after the RGB filter (not caption "
-                        "rows) (default: all)")
+                        "rows); more than there are takes all (default: all)")
     p.add_argument("--val_size", type=positive_int, default=None,
-                   help="validation images (default: 500 for official, all for karpathy)")
+                   help="validation images (default: 500 for official, all for karpathy); "
+                        "when val2014 holds fewer than --val_size + --test_size, it is split "
+                        "in the same proportion")
     p.add_argument("--test_size", type=positive_int, default=None,
                    help="test images (default: 500 for official, all for karpathy)")
     p.add_argument("--convert_grayscale", action="store_true",
@@ -230,8 +256,12 @@ def parse_args(argv):
                    help="with --source shapes: images generated for val2014")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    shapes = args.source == "shapes"
     if args.coco_dir is None:
-        args.coco_dir = "./data/shapes_coco" if args.source == "shapes" else "./coco"
+        args.coco_dir = "./data/shapes_coco" if shapes else "./coco"
+    # The built-in set is for running offline: tiny models unless told otherwise.
+    args.encoder_model = args.encoder_model or (TINY if shapes else DEFAULT_ENCODER)
+    args.decoder_model = args.decoder_model or (TINY if shapes else DEFAULT_DECODER)
     args.coco_base_url = args.coco_base_url.rstrip("/")
     if args.split == "karpathy" and not args.karpathy_json:
         p.error("--split karpathy needs --karpathy_json")

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 from .fetch import Client, FetchError
@@ -102,21 +103,21 @@ def download_archive(client, url, path, retries, quiet):
 def extract_captions(zip_path, names, ann_dir):
     """Check the archive and extract annotations/<name> for each name; all or nothing.
     A broken archive is deleted and reported (FileNotFoundError)."""
-    extracted = []
+    parts = [(os.path.join(ann_dir, f"{name}.part"), os.path.join(ann_dir, name))
+             for name in names]
     try:
         with zipfile.ZipFile(zip_path) as z:
-            for name in names:
-                tmp = os.path.join(ann_dir, f"{name}.part")
+            for name, (tmp, _) in zip(names, parts):
                 with z.open(f"annotations/{name}") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)  # the CRC is checked at the end
-                extracted.append((tmp, os.path.join(ann_dir, name)))
-    except (zipfile.BadZipFile, KeyError, EOFError, OSError) as e:
-        for tmp, _ in extracted:
-            os.remove(tmp)
+    except (zipfile.BadZipFile, zlib.error, KeyError, EOFError, OSError) as e:
+        for tmp, _ in parts:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         os.remove(zip_path)
         raise FileNotFoundError(f"{zip_path} is broken ({e}); it was deleted, run again to "
                                 f"download it anew") from None
-    for tmp, final in extracted:
+    for tmp, final in parts:
         os.replace(tmp, final)
 
 

@@ -6,10 +6,12 @@ it, and both reach it through `load_uint8` / `decode_for_storage`, so a model se
 inference exactly the pixels it was trained on (tests/test_images.py checks an EXIF-rotated
 photo through both scripts' paths).
 
-JPEGs are decoded in draft mode: libjpeg scales by 1/2, 1/4 or 1/8 while decoding, never
-below the encoder's input edge, which saves most of a photo's decoding time. The resized
-pixels then differ slightly from ViTImageProcessor's (which resizes the full-size decode);
-the README gives the measured difference.
+Every image is decoded at full size and resized once with the processor's resampling, so the
+uint8 pixels are exactly ViTImageProcessor's before its rescale and normalise: a model
+trained here sees what the model-card snippet (AutoImageProcessor) gives it. JPEG draft
+decoding (libjpeg scaling by 1/2-1/8 while decoding) was 1.43x faster on 640x480 photos but
+differed from the processor by 1 grey level on average and up to 10 (bench/pixels.py), so
+it is offered by `open_image(draft_box=...)` only, and no script uses it.
 """
 
 import io
@@ -82,7 +84,7 @@ def image_to_uint8(img, size, resample=Image.Resampling.BILINEAR):
 
 def load_uint8(source, size, resample=Image.Resampling.BILINEAR):
     """A path or bytes -> the encoder's uint8 input. Raises what PIL raises on a bad file."""
-    with open_image(source, draft_box(size)) as img:
+    with open_image(source) as img:
         return image_to_uint8(img, size, resample)
 
 
@@ -91,7 +93,7 @@ def decode_for_storage(path, size, resample, convert_grayscale=False):
     non_rgb, unreadable. The pixels are load_uint8's. Never raises, so one bad file among
     100,000 can't stop a run; runs in worker processes."""
     try:
-        with open_image(path, draft_box(size)) as img:
+        with open_image(path) as img:
             if img.mode != "RGB" and not convert_grayscale:
                 return "non_rgb", None
             status = "ok" if img.mode == "RGB" else "converted"

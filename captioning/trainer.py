@@ -201,6 +201,9 @@ class CaptionTrainer(Seq2SeqTrainer):
         references. Under a launcher each process takes its own contiguous shard."""
         import torch
 
+        import time
+
+        began = time.perf_counter()
         world, rank = self.args.world_size, self.args.process_index
         start, end = shard_range(len(dataset), rank, world)
         model = self.accelerator.unwrap_model(self.model)
@@ -227,6 +230,7 @@ class CaptionTrainer(Seq2SeqTrainer):
                 raise RuntimeError(f"{len(predictions)} captions for {len(dataset)} images")
             metrics = self.score(predictions, [list(r) for r in dataset["captions"]])
             metrics["loss"] = sum(s[1] for s in shards) / max(1, sum(s[2] for s in shards))
+            metrics["runtime"] = time.perf_counter() - began
             metrics = {f"{prefix}_{k}": float(v) for k, v in metrics.items()}
         if world > 1:
             shared = [metrics]

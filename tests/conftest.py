@@ -30,6 +30,7 @@ TINY_SIZE = (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real files, subprocesses, servers (make test)")
+    config.addinivalue_line("markers", "rehearsal: full-size models on the CPU (make rehearse)")
     config.addinivalue_line("markers", "upstream: notices an upstream bug that our code "
                                        "works around; it fails when upstream fixes the bug")
 
@@ -198,3 +199,82 @@ def http_server():
     yield f"http://127.0.0.1:{server.server_address[1]}", routes
     server.shutdown()
     server.server_close()
+
+
+class RealHostHandler(http.server.BaseHTTPRequestHandler):
+    """Serves files like images.cocodataset.org: HTTP/1.1 keep-alive, Range requests
+    answered with 206, 404 for anything else. `server.cut` maps a path to a byte count after
+    which the first response for it hangs up (an interrupted download)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802
+        srv = self.server
+        path = self.path.split("?")[0]
+        srv.requests.append((path, self.headers.get("Range")))
+        body = srv.files.get(path)
+        if body is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "9")
+            self.end_headers()
+            self.wfile.write(b"not found")
+            return
+        start = 0
+        ranged = self.headers.get("Range")
+        if ranged and srv.ranges and ranged.startswith("bytes=") and ranged.endswith("-"):
+            start = int(ranged[6:-1])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        cut = srv.cut.pop(path, None)
+        end = len(body) if cut is None else min(len(body), start + cut)
+        view = memoryview(body)
+        try:
+            for i in range(start, end, 1 << 20):
+                self.wfile.write(view[i:min(end, i + (1 << 20))])
+                srv.bytes_sent[path] = srv.bytes_sent.get(path, 0) + min(end, i + (1 << 20)) - i
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        if cut is not None:
+            self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+class RealHostServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, files, ranges=True):
+        super().__init__(("127.0.0.1", 0), RealHostHandler)
+        self.files, self.ranges = files, ranges
+        self.cut, self.requests, self.bytes_sent, self.connections = {}, [], {}, 0
+
+    def process_request(self, request, client_address):
+        self.connections += 1
+        super().process_request(request, client_address)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture()
+def real_host():
+    """A factory: real_host(files, ranges=True) -> a started RealHostServer."""
+    servers = []
+
+    def start(files, ranges=True):
+        server = RealHostServer(files, ranges)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

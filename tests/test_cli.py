@@ -66,3 +66,15 @@ def test_inference_help_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'\n" % ROOT)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_shapes_with_every_default_but_limit_data(tmp_path):
+    """The first command a newcomer types: the built-in set with defaults fitted to it."""
+    r = run(os.path.join(ROOT, "dataloader.py"), "--source", "shapes", "--limit_data", "400",
+            "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "splitting them 50% / 50%" in r.stderr
+    m = json.load(open(tmp_path / "processed_data" / "manifest.json"))
+    assert m["rows"]["train"] == 400 and m["encoder_model"] == "tiny"
+    assert m["rows"]["validation"] + m["rows"]["test"] == 285  # 300 less every 20th (gray)

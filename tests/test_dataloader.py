@@ -146,18 +146,29 @@ def test_interrupted_run_leaves_nothing_usable_and_a_rerun_works(shapes_coco, tm
     assert not stale.exists() and Manifest.read(str(out))["rows"]["train"] == 5
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--limit_data", "100000"], "--limit_data 100000 is more than"),
-    (["--val_size", "100", "--test_size", "100"], "more than the"),
-    (["--val_size", "20", "--test_size", "10"], "usable images for the test split"),
-])
-def test_impossible_requests_give_one_line(shapes_coco, tmp_path, capsys, extra, message):
+def test_impossible_request_gives_one_line(shapes_coco, tmp_path, capsys):
+    """30 val2014 images, one grayscale: 20 + 10 candidates leave the test split 9 short."""
     rc = dataloader.main(["--coco_dir", shapes_coco, "--save_path", str(tmp_path / "d"),
-                          "--encoder_model", "tiny", "--decoder_model", "tiny", "--quiet"] + extra)
+                          "--encoder_model", "tiny", "--decoder_model", "tiny", "--quiet",
+                          "--val_size", "20", "--test_size", "10"])
     err = capsys.readouterr().err
-    assert rc == 1 and message in err and "Traceback" not in err
+    assert rc == 1 and "usable images for the test split" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not os.listdir(tmp_path)  # nothing half-written left behind
+
+
+def test_defaults_fit_a_small_folder(shapes_coco, tmp_path, capsys):
+    """More than there is: --limit_data takes all 60 training candidates (56 usable), and
+    the default 500 + 500 held-out images become a 50/50 split of val2014's 30."""
+    out = tmp_path / "d"
+    assert dataloader.main(["--coco_dir", shapes_coco, "--save_path", str(out),
+                            "--encoder_model", "tiny", "--decoder_model", "tiny", "--quiet",
+                            "--limit_data", "400"]) == 0
+    err = capsys.readouterr().err
+    assert "taking all of them" in err and "splitting them 50% / 50%" in err
+    m = json.load(open(out / "manifest.json"))
+    assert m["rows"]["train"] == 56
+    assert m["rows"]["validation"] == 15 and m["rows"]["test"] == 14  # one val image is gray
 
 
 def test_missing_annotations_give_one_line(tmp_path, capsys):

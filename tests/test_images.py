@@ -126,3 +126,25 @@ def test_image_to_uint8_resizes_once_to_the_encoder_size():
     img = Image.new("RGB", (300, 100), (0, 128, 255))
     out = image_to_uint8(img, (32, 48), BILINEAR)
     assert out.shape == (3, 32, 48) and tuple(out[:, 5, 5]) == (0, 128, 255)
+
+
+def test_photo_pixels_equal_the_image_processors(tmp_path):
+    """On a photo-sized JPEG the stored uint8 pixels are ViTImageProcessor's own, before its
+    rescale and normalise (JPEG draft decoding, the earlier default, differed by up to 10
+    grey levels: bench/pixels.py)."""
+    from transformers import ViTImageProcessor
+
+    from captioning.images import load_uint8
+
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    arr = np.asarray(Image.fromarray(small).resize((640, 480), Image.Resampling.BICUBIC))
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(arr).save(path, quality=90)
+    processor = ViTImageProcessor(size={"height": 224, "width": 224})
+    ours = load_uint8(str(path), (224, 224), BILINEAR).astype(np.float64)
+    with Image.open(path) as img:
+        theirs = processor(images=img, return_tensors="np")["pixel_values"][0]
+    theirs = (theirs * np.asarray(processor.image_std).reshape(3, 1, 1)
+              + np.asarray(processor.image_mean).reshape(3, 1, 1)) * 255
+    assert np.abs(ours - theirs).max() <= 0.51  # uint8 rounding only

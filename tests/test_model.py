@@ -196,3 +196,30 @@ def test_best_checkpoint_follows_the_metric_direction(tmp_path, metric, greater)
     args = train.parse_args(["--output_dir", str(tmp_path), "--metric_for_best_model", metric])
     targs = train.make_training_args(args, str(tmp_path / "runs"), "fp32")
     assert targs.greater_is_better is greater and targs.metric_for_best_model == metric
+
+
+def test_a_maximal_training_caption_fits_through_generate(tiny):
+    """dataloader.py --max_length N stores at most N tokens, EOS included; the model's
+    generation_config (max_new_tokens = N) lets all N come back. Forcing the stored ids
+    token by token, generate must end with that caption's EOS, not be cut before it."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from captioning.modeling import tokenize_captions
+
+    max_length = 12
+    long_caption = " ".join(["a red circle in the top left of the picture"] * 3)
+    ids = tokenize_captions([long_caption], tiny.tokenizer, max_length)[0]
+    assert len(ids) == max_length and ids[-1] == tiny.tokenizer.eos_token_id
+
+    class Force(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - 1  # after the start token
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, ids[min(step, len(ids) - 1)]] = 0
+            return forced
+
+    model = tiny.model(max_new_tokens=max_length, num_beams=1)
+    out = model.generate(pixel_values=torch.randn(1, 3, *TINY_SIZE),
+                         logits_processor=LogitsProcessorList([Force()]))
+    assert out[0, 1:].tolist() == ids  # every token, EOS last
+    assert decode_captions(out, tiny.tokenizer) == [tiny.tokenizer.decode(ids[:-1]).strip()]

@@ -112,6 +112,8 @@ def test_torchrun_evaluation_equals_one_process(prepared, tmp_path):
     for split_1, split_2 in ((m1["test"], m2["test"]), (m1["validation"][-1], m2["validation"][-1])):
         assert set(split_1) == set(split_2)
         for key, value in split_1.items():
+            if key == "runtime":
+                continue
             assert split_2[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
