@@ -28,7 +28,6 @@ import functools
 import glob
 import itertools
 import os
-import random
 import shutil
 import sys
 import time
@@ -36,13 +35,13 @@ from multiprocessing import Pool
 
 from captioning.cli import (HelpFormatter, configure_runtime, error_exit, positive_float,
                             positive_int, non_negative_int)
-from captioning.coco_download import fetch_annotations, fetch_missing
 from captioning.fetch import Client
 from captioning.images import decode_for_storage, processor_resample, processor_size
 from captioning.modeling import (TINY, load_image_processor, load_tokenizer, tokenize_captions,
                                  train_tiny_tokenizer)
 from captioning.shapes import make_shapes_coco
-from captioning.sources import COCO_BASE_URL, coco_annotation_path, read_coco_split, read_karpathy
+from captioning.splits import select_candidates
+from captioning.sources import COCO_BASE_URL, SourceError, coco_annotation_path
 from captioning.store import FORMAT_VERSION, SPLITS, Manifest, split_features, write_split
 
 DEFAULT_ENCODER = "google/vit-base-patch16-224-in21k"
@@ -57,7 +56,7 @@ def _decode_job(job):
 
 def decode_wave(wave, size, resample, convert_grayscale, pool=None, chunksize=8):
     """Entries -> iterator of (status, pixels), in order, in the pool's processes if any."""
-    jobs = [(e["path"], size, resample, convert_grayscale) for e in wave]
+    jobs = [(e.get("data") or e["path"], size, resample, convert_grayscale) for e in wave]
     return pool.imap(_decode_job, jobs, chunksize=chunksize) if pool else map(_decode_job, jobs)
 
 
@@ -74,6 +73,7 @@ def kept_images(candidates, wanted, decode, counts, fetch=None):
         if fetch is not None:
             fetch(wave, counts=counts)
         for entry, (status, pixels) in zip(wave, decode(wave)):
+            entry.pop("data", None)  # a Hub image's bytes: decoded, not needed any more
             counts["seen"] += 1
             if pixels is None:
                 counts[f"dropped_{status}"] += 1
@@ -86,82 +86,40 @@ def kept_images(candidates, wanted, decode, counts, fetch=None):
 
 # ----------------------------------------------------------------------------- the run
 
-def note(message):
-    print(f"dataloader.py: {message}", file=sys.stderr)
-
-
-def fit_sizes(args, available):
-    """--limit_data, --val_size and --test_size against what the data holds -> the wanted
-    kept-image counts {split: n or None (all)}. Asking for more than there is takes what
-    there is and says so, as the HF scripts' --max_train_samples do."""
-    wanted = {"train": args.limit_data, "validation": args.val_size, "test": args.test_size}
-    if wanted["train"] is not None and wanted["train"] > available["train"]:
-        note(f"--limit_data {wanted['train']}: there are only {available['train']} captioned "
-             f"training images; taking all of them")
-        wanted["train"] = None
-    held = available.get("held_out")
-    if held is not None and wanted["validation"] + wanted["test"] > held:
-        share = wanted["validation"] / (wanted["validation"] + wanted["test"])
-        note(f"val2014 has {held} captioned images, fewer than --val_size "
-             f"{wanted['validation']} + --test_size {wanted['test']}: splitting them "
-             f"{share:.0%} / {1 - share:.0%} into validation and test")
-        wanted["validation"], wanted["test"] = max(1, round(held * share)), None
-    for split, flag in (("validation", "--val_size"), ("test", "--test_size")):
-        if split in available and wanted[split] is not None and wanted[split] > available[split]:
-            note(f"{flag} {wanted[split]}: there are only {available[split]} {split} images; "
-                 f"taking all of them")
-            wanted[split] = None
-    return wanted
-
-
-def select_candidates(args, client=None):
-    """-> (train entries, [(split, candidate iterator, wanted kept images or None)]).
-    --limit_data, --val_size and --test_size count *kept* images; candidates are taken in a
-    seeded order."""
-    if args.split == "karpathy":
-        splits = read_karpathy(args.karpathy_json, args.coco_dir, args.coco_base_url)
-        train, val, test = splits["train"], splits["validation"], splits["test"]
-        random.Random(args.seed).shuffle(train)
-        val_iter, test_iter = iter(val), iter(test)
-        available = {"train": len(train), "validation": len(val), "test": len(test)}
-    else:
-        if args.download:
-            fetch_annotations(args.coco_dir, args.coco_base_url, args, client)
-        train = read_coco_split(args.coco_dir, "train2014", args.coco_base_url)
-        held_out = read_coco_split(args.coco_dir, "val2014", args.coco_base_url)
-        random.Random(args.seed).shuffle(train)
-        random.Random(args.seed + 1).shuffle(held_out)
-        val_iter = test_iter = iter(held_out)  # one pass: the two never overlap
-        available = {"train": len(train), "held_out": len(held_out)}
-    if not train:
-        raise ValueError("no captioned training images selected")
-    wanted = fit_sizes(args, available)
-    return train, [("train", iter(train), wanted["train"]),
-                   ("validation", val_iter, wanted["validation"]),
-                   ("test", test_iter, wanted["test"])]
-
-
 def prepare(args, work_dir):
     """Everything, written under work_dir. Returns the manifest."""
+    client = Client(args.download_workers, args.timeout) if args.download else None
+    try:
+        return write_splits(args, work_dir, client)
+    finally:
+        if client:
+            client.close()
+
+
+def write_splits(args, work_dir, client):
+    """prepare's work: choose, decode, tokenise and write every split."""
     from tqdm import tqdm
 
-    client = Client(args.download_workers, args.timeout) if args.download else None
-    train, plan = select_candidates(args, client)
-    processor = load_image_processor(args.encoder_model)
+    train, plan, fetch, skipped = select_candidates(args, client)
+    processor = load_image_processor(args.from_model or args.encoder_model)
     size, resample = processor_size(processor), processor_resample(processor)
     # A tiny tokenizer learns from training captions only, never validation or test ones.
-    tokenizer = (train_tiny_tokenizer((c for e in train for c in e["captions"]),
-                                      os.path.join(work_dir, "bpe"))
-                 if args.decoder_model == TINY else load_tokenizer(args.decoder_model))
+    if args.from_model:
+        tokenizer = load_tokenizer(args.from_model)
+    elif args.decoder_model == TINY:
+        tokenizer = train_tiny_tokenizer((c for e in train for c in e["captions"]),
+                                         os.path.join(work_dir, "bpe"))
+    else:
+        tokenizer = load_tokenizer(args.decoder_model)
     features = split_features(size)
 
     pool = Pool(args.num_proc) if args.num_proc > 1 else None
     decode = functools.partial(decode_wave, size=size, resample=resample,
                                convert_grayscale=args.convert_grayscale, pool=pool,
                                chunksize=args.batch_size)
-    fetch = functools.partial(fetch_missing, args=args, client=client) if client else None
+    stats = {"captions_truncated": 0}
     tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer,
-                                 max_length=args.max_length)
+                                 max_length=args.max_length, stats=stats)
     counts, rows, captions = {}, {}, {}
     try:
         for split, candidates, wanted in plan:
@@ -180,8 +138,6 @@ def prepare(args, work_dir):
     finally:
         if pool:
             pool.terminate()
-        if client:
-            client.close()
 
     tokenizer.save_pretrained(work_dir)
     processor.save_pretrained(work_dir)
@@ -190,21 +146,45 @@ def prepare(args, work_dir):
     return Manifest({
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": args.source, "coco_dir": os.path.abspath(args.coco_dir), "split": args.split,
+        "source": args.source, "split": args.split,
+        "data": os.path.abspath(args.image_dir or args.coco_dir) if args.source != "hub"
+        else args.dataset,
         "encoder_model": args.encoder_model, "decoder_model": args.decoder_model,
+        "from_model": args.from_model,
         "image_size": list(size), "max_length": args.max_length,
         "vocab_size": len(tokenizer), "seed": args.seed,
         "convert_grayscale": args.convert_grayscale,
         "rows": rows, "captions": captions, "images": counts,
+        "skipped": skipped, "captions_truncated": stats["captions_truncated"],
     })
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--source", choices=["coco", "shapes"], default="coco",
-                   help="coco: read COCO 2014 from --coco_dir; shapes: first generate the "
-                        "built-in synthetic set (COCO layout) into --coco_dir, then read it")
+    p.add_argument("--source", choices=["coco", "shapes", "folder", "karpathy", "hub"],
+                   default="coco",
+                   help="coco: COCO 2014 from --coco_dir; shapes: first generate the built-in "
+                        "synthetic set (COCO layout) into --coco_dir, then read it; folder: "
+                        "--image_dir with metadata.jsonl/.csv (HF imagefolder); karpathy: a "
+                        "Flickr8k/30k-style --karpathy_json with --image_dir; hub: --dataset, "
+                        "a datasets id, parquet file or save_to_disk folder")
+    p.add_argument("--image_dir", default=None,
+                   help="with --source folder or karpathy: the folder of images")
+    p.add_argument("--dataset", default=None,
+                   help="with --source hub: a Hub dataset id, a .parquet file or a "
+                        "save_to_disk folder")
+    p.add_argument("--image_column", default=None,
+                   help="with --source hub: the Image column (default: the only one)")
+    p.add_argument("--caption_column", default=None,
+                   help="with --source folder or hub: the caption column (default: the first "
+                        "of caption, captions, text, sentences); a cell may be a string or a "
+                        "list of strings")
+    p.add_argument("--from_model", default=None,
+                   help="prepare for fine-tuning a trained VisionEncoderDecoderModel (train.py's "
+                        "output or a folder shaped like nlpconnect/vit-gpt2-image-captioning): "
+                        "its image processor and tokenizer are used, and train.py starts from "
+                        "its weights")
     p.add_argument("--coco_dir", default=None,
                    help="COCO 2014 root holding annotations/, train2014/, val2014/ "
                         "(default: ./coco, or ./data/shapes_coco with --source shapes)")
@@ -212,8 +192,9 @@ def parse_args(argv):
                    help="official: train from train2014, validation and test drawn from "
                         "val2014 without overlap; karpathy: the splits of --karpathy_json")
     p.add_argument("--karpathy_json", default=None,
-                   help="Karpathy's dataset_coco.json, a parquet file with its columns, or a "
-                        "Hub dataset id such as yerevann/coco-karpathy")
+                   help="Karpathy's dataset_coco.json (with --split karpathy), or "
+                        "dataset_flickr8k.json / dataset_flickr30k.json (with --source "
+                        "karpathy); also a parquet file or Hub id with the same columns")
     p.add_argument("--encoder_model", default=None,
                    help="ViT Hub id or local directory, or 'tiny' for a small random ViT "
                         f"(default: {DEFAULT_ENCODER}; tiny with --source shapes)")
@@ -263,9 +244,17 @@ def parse_args(argv):
     args.encoder_model = args.encoder_model or (TINY if shapes else DEFAULT_ENCODER)
     args.decoder_model = args.decoder_model or (TINY if shapes else DEFAULT_DECODER)
     args.coco_base_url = args.coco_base_url.rstrip("/")
-    if args.split == "karpathy" and not args.karpathy_json:
-        p.error("--split karpathy needs --karpathy_json")
-    if args.split == "official":
+    if (args.split == "karpathy" or args.source == "karpathy") and not args.karpathy_json:
+        p.error("--split karpathy and --source karpathy need --karpathy_json")
+    if args.source in ("folder", "karpathy") and not args.image_dir:
+        p.error(f"--source {args.source} needs --image_dir")
+    if args.source == "hub" and not args.dataset:
+        p.error("--source hub needs --dataset")
+    if args.download and args.source != "coco":
+        p.error("--download fetches COCO only (--source coco)")
+    if args.from_model:
+        args.encoder_model = args.decoder_model = args.from_model
+    if args.split == "official" and args.source in ("coco", "shapes"):
         args.val_size = 500 if args.val_size is None else args.val_size
         args.test_size = 500 if args.test_size is None else args.test_size
     if args.max_length < 2:
@@ -291,6 +280,9 @@ def main(argv=None):
     try:
         manifest = prepare(args, work_dir)
         manifest.write(work_dir)
+    except SourceError as e:  # the user's caption data itself: a usage error
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return error_exit("dataloader.py", e, code=2)
     except (FileNotFoundError, ValueError, OSError, KeyError) as e:
         shutil.rmtree(work_dir, ignore_errors=True)
         message = f"bad input file, missing field {e}" if isinstance(e, KeyError) else e
@@ -311,6 +303,12 @@ def main(argv=None):
     print(f"images seen {img['seen']}, kept {img['kept']} ({img['converted_non_rgb']} converted "
           f"to RGB), dropped non-RGB {img['dropped_non_rgb']}, dropped unreadable "
           f"{img['dropped_unreadable']}")
+    skipped = manifest["skipped"]
+    if any(skipped.values()) or manifest["captions_truncated"]:
+        print(f"skipped: {skipped.get('missing_image', 0)} listed images missing, "
+              f"{skipped.get('empty_caption', 0)} empty captions, "
+              f"{skipped.get('no_caption', 0)} images left without a caption; "
+              f"{manifest['captions_truncated']} captions cut to --max_length {args.max_length}")
     if args.download:
         print(f"downloads: {img['downloaded']} fetched, {img['already_present']} already "
               f"present, {img['download_failed']} failed")

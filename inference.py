@@ -20,6 +20,7 @@ import sys
 # Light imports only: torch and transformers load with the model, so --help answers at once.
 from captioning.cli import (HelpFormatter, configure_runtime, error_exit, positive_float,
                             positive_int)
+from captioning.fetch import DEFAULT_MAX_DOWNLOAD_MB, is_url
 
 DEFAULT_MODEL_PATH = "./image_captioning_model"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -32,7 +33,7 @@ def expand_sources(values):
     A value that matches nothing is kept, so that it is reported as missing."""
     sources = []
     for value in values:
-        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
+        if is_url(value):
             sources.append(value)
         elif os.path.isdir(value):
             sources += sorted(os.path.join(value, f) for f in os.listdir(value)
@@ -73,7 +74,7 @@ def parse_args(argv):
                    help="where the model runs (auto: cuda, then mps, then cpu)")
     p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds allowed for connecting and for each read of a URL")
-    p.add_argument("--max_download_mb", type=positive_float, default=20.0,
+    p.add_argument("--max_download_mb", type=positive_float, default=DEFAULT_MAX_DOWNLOAD_MB,
                    help="largest image a URL may return")
     p.add_argument("--json", default=None, help='also write [{"image", "caption"}] to this file')
     p.add_argument("--coco_results", default=None,

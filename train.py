@@ -22,15 +22,14 @@ import argparse
 import os
 import shutil
 import sys
-import time
 
-from captioning.checkpoints import find_resume_checkpoint, is_complete_checkpoint
+from captioning.checkpoints import checkpoint_to_resume, tensorboard_dir
 from captioning.cli import (HelpFormatter, configure_runtime, error_exit, non_negative_int,
                             positive_float, positive_int, quiet_transformers)
 from captioning.devices import choose_precision, cuda_capability, pick_device
 from captioning.modeling import (DEFAULT_NUM_BEAMS, build_model, load_image_processor,
                                  load_tokenizer)
-from captioning.store import SPLITS, Manifest, load_split, read_json, write_json
+from captioning.store import SPLITS, Manifest, load_split, write_json
 from metrics import METRIC_NAMES, TABLE_METRICS, compute_caption_metrics, java_available
 
 
@@ -48,6 +47,11 @@ def parse_args(argv):
                    help="continue from the newest complete checkpoint in --output_dir "
                         "(weights, optimizer, scheduler and data position, exactly)")
     p.add_argument("--resume_from", default=None, help="continue from this checkpoint directory")
+    p.add_argument("--init_from", default=None,
+                   help="start from this trained VisionEncoderDecoderModel (train.py's output, "
+                        "or a folder or Hub id shaped like nlpconnect/vit-gpt2-image-captioning) "
+                        "and its generation settings, instead of building a new model "
+                        "(default: the manifest's --from_model, if dataloader.py had one)")
     p.add_argument("--epochs", type=float, default=10, help="training epochs")
     p.add_argument("--max_steps", type=int, default=-1,
                    help="stop after this many optimizer steps (overrides --epochs when > 0)")
@@ -59,8 +63,9 @@ def parse_args(argv):
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup_steps", type=non_negative_int, default=0,
                    help="linear warm-up steps, then linear decay to 0")
-    p.add_argument("--num_beams", type=positive_int, default=DEFAULT_NUM_BEAMS,
-                   help="beam width for generation")
+    p.add_argument("--num_beams", type=positive_int, default=None,
+                   help=f"beam width for generation (default: {DEFAULT_NUM_BEAMS}, or the "
+                        f"--init_from model's own)")
     p.add_argument("--max_new_tokens", "--gen_max_length", dest="max_new_tokens",
                    type=positive_int, default=None,
                    help="longest generated caption in tokens, EOS included, the start token "
@@ -113,40 +118,33 @@ def parse_args(argv):
 
 # ----------------------------------------------------------------------------- steps
 
-def checkpoint_to_resume(args):
-    """-> the checkpoint to resume from, or None. Nothing a user trained earlier is lost by a
-    typo: a non-empty --output_dir needs --resume or --overwrite. Raises ValueError."""
-    if args.resume_from:
-        if not is_complete_checkpoint(args.resume_from):
-            raise ValueError(f"--resume_from {args.resume_from} is not a complete checkpoint")
-        return args.resume_from
-    non_empty = os.path.isdir(args.output_dir) and os.listdir(args.output_dir)
-    if args.resume:
-        checkpoint = find_resume_checkpoint(args.output_dir) if non_empty else None
-        if checkpoint is None:
-            raise ValueError(f"--resume: no complete checkpoint in {args.output_dir}")
-        return checkpoint
-    if non_empty and not args.overwrite:
-        raise ValueError(f"--output_dir {args.output_dir} is not empty; pass --resume to "
-                         f"continue its training or --overwrite to replace it")
-    return None
-
-
-def tensorboard_dir(args, resume_from):
-    """runs/<run_name>; a resumed run goes on writing into the directory it started."""
-    if args.run_name is None and resume_from:
-        previous = os.path.join(args.output_dir, "train_args.json")
-        if os.path.isfile(previous):
-            return read_json(previous)["tensorboard"]
-    return os.path.join(args.runs_dir, args.run_name or time.strftime("%Y%m%d-%H%M%S"))
+def check_inputs(args):
+    """-> (manifest, checkpoint to resume from or None, precision); ValueError in one line."""
+    manifest = Manifest.read(args.data_path)
+    if args.max_new_tokens and args.max_new_tokens < manifest["max_length"]:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens} is less than the data's "
+                         f"--max_length {manifest['max_length']}: its longest captions could "
+                         f"not be generated whole")
+    precision = choose_precision(args.precision, pick_device(), cuda_capability())
+    return manifest, checkpoint_to_resume(args), precision
 
 
 def make_model(args, manifest, tokenizer, precision, is_main):
-    from captioning.trainer import freeze, upcast_decoder_attention
+    from captioning.modeling import (check_init_model, fill_generation_ids, freeze,
+                                     load_model_strict, upcast_decoder_attention)
 
-    model = build_model(manifest["encoder_model"], manifest["decoder_model"], tokenizer,
-                        manifest["image_size"], num_beams=args.num_beams,
-                        max_new_tokens=args.max_new_tokens or manifest["max_length"])
+    init_from = args.init_from or manifest.get("from_model")
+    if init_from:
+        model = fill_generation_ids(load_model_strict(init_from), tokenizer)
+        check_init_model(model, manifest, tokenizer, init_from)
+        if args.num_beams:
+            model.generation_config.num_beams = args.num_beams
+        model.generation_config.max_new_tokens = args.max_new_tokens or manifest["max_length"]
+        model.generation_config.max_length = None
+    else:
+        model = build_model(manifest["encoder_model"], manifest["decoder_model"], tokenizer,
+                            manifest["image_size"], num_beams=args.num_beams or DEFAULT_NUM_BEAMS,
+                            max_new_tokens=args.max_new_tokens or manifest["max_length"])
     freeze(model, encoder=args.freeze_encoder, decoder=args.freeze_decoder)
     if precision == "fp16":
         upcast_decoder_attention(model)
@@ -155,7 +153,9 @@ def make_model(args, manifest, tokenizer, precision, is_main):
     if is_main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        print(f"model: {manifest['encoder_model']} + {manifest['decoder_model']}, "
+        origin = (f"from {init_from}" if init_from
+                  else f"{manifest['encoder_model']} + {manifest['decoder_model']}")
+        print(f"model: {origin}, "
               f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable, "
               f"{precision}, attention: {model.encoder.config._attn_implementation}")
     return model
@@ -193,6 +193,7 @@ def make_training_args(args, run_dir, precision):
         bf16=precision == "bf16", fp16=precision == "fp16",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         average_tokens_across_devices=True,  # the loss divides by the global token count
+        ddp_find_unused_parameters=False,  # every trainable parameter reaches the loss
         activation_checkpointing=args.gradient_checkpointing,  # transformers 5 name
         dataloader_num_workers=args.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -218,7 +219,7 @@ def make_trainer(args, model, tokenizer, processor, splits, precision, run_dir, 
         model=model, args=make_training_args(args, run_dir, precision),
         train_dataset=TrainView(splits["train"], args.seed), eval_dataset=val,
         data_collator=CaptionCollator(processor), eval_collator=CaptionCollator(processor),
-        processing_class=tokenizer, score=compute_caption_metrics, caption_seed=args.seed,
+        processing_class=tokenizer, score=compute_caption_metrics,
         on_predictions=previews if n_preview else None,
         callbacks=[OpenTensorBoardCallback(tb_writer=tb_writer)] if tb_writer else [])
 
@@ -254,9 +255,7 @@ def main(argv=None):
     configure_runtime()
     is_main = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate set RANK
     try:
-        manifest = Manifest.read(args.data_path)
-        resume_from = checkpoint_to_resume(args)
-        precision = choose_precision(args.precision, pick_device(), cuda_capability())
+        manifest, resume_from, precision = check_inputs(args)
     except ValueError as e:
         return error_exit("train.py", e)
     if args.overwrite and not resume_from and is_main and os.path.isdir(args.output_dir):
@@ -274,7 +273,10 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # Ampere and newer: TF32 matmuls
         torch.backends.cudnn.allow_tf32 = True
     tokenizer, processor = load_tokenizer(args.data_path), load_image_processor(args.data_path)
-    model = make_model(args, manifest, tokenizer, precision, is_main)
+    try:
+        model = make_model(args, manifest, tokenizer, precision, is_main)
+    except (ValueError, OSError) as e:  # an --init_from that is missing or doesn't fit
+        return error_exit("train.py", e)
     splits = load_splits(args)
     run_dir = tensorboard_dir(args, resume_from)
     tb_writer = SummaryWriter(run_dir) if is_main else None  # only the main process writes

@@ -21,6 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def worker(args):
     import torch
     from transformers import Seq2SeqTrainingArguments
@@ -29,7 +37,7 @@ def worker(args):
     from captioning.modeling import load_image_processor, load_model_strict, load_tokenizer
     from captioning.store import load_split
     from captioning.trainer import CaptionCollator, CaptionTrainer
-    from metrics import compute_caption_metrics
+    from captioning.scoring import compute_caption_metrics
 
     configure_runtime()
     quiet_transformers()
@@ -89,7 +97,7 @@ def main(argv=None):
         for nproc in (1, 2):
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc))}
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                   str(nproc), "--master_port", str(29600 + nproc), os.path.abspath(__file__),
+                   str(nproc), "--master_port", str(free_port()), os.path.abspath(__file__),
                    "--worker", "--data", data, "--model", model_dir, "--out",
                    os.path.join(tmp, f"o{nproc}"), "--eval_batch_size",
                    str(args.eval_batch_size), "--repeats", str(args.repeats)]

@@ -151,7 +151,12 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
-    torch.manual_seed(0)
+    def fresh_model(dtype=torch.float32):
+        # A new model per row: Trainer's accelerate.prepare wraps forward in autocast for good,
+        # which would turn the fp32 rows after it into bf16 ones.
+        torch.manual_seed(0)
+        return build(args.dry_run)[0].to(device=device, dtype=dtype)
+
     model, image_size, vocab, eos = build(args.dry_run)
     model.to(device)
     data = rows(max(args.batch_size * 4, 16), image_size, vocab, eos)
@@ -172,10 +177,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for row, fn in (
                 ("train.py path, bf16" if device == "cuda" else "train.py path",
-                 lambda: trainer_path(model, data, args, precision, device, tmp)),
-                ("bare loop", lambda: bare_loop(model, batches, args.steps, args.warmup,
-                                                precision, device)),
-                ("earlier: fp32, pad 32", lambda: bare_loop(model, padded, args.steps,
+                 lambda: trainer_path(fresh_model(), data, args, precision, device, tmp)),
+                ("bare loop", lambda: bare_loop(fresh_model(), batches, args.steps,
+                                                args.warmup, precision, device)),
+                ("earlier: fp32, pad 32", lambda: bare_loop(fresh_model(), padded, args.steps,
                                                             args.warmup, "fp32", device))):
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -184,12 +189,11 @@ def main(argv=None):
             memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
             results[row] = (samples, memory)
 
-        model.eval()
         captions = {}
         for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             if label == "bf16" and device != "cuda":
                 continue
-            m = model.to(dtype)
+            m = fresh_model(dtype).eval()
             pixels = batches[0]["pixel_values"].to(dtype)
             with torch.inference_mode():
                 m.generate(pixel_values=pixels, num_beams=3, max_new_tokens=16, min_new_tokens=16)
@@ -200,7 +204,6 @@ def main(argv=None):
                                min_new_tokens=16)
                 sync(device)
             captions[label] = 3 * pixels.shape[0] / (time.perf_counter() - start)
-        model.to(torch.float32)
 
     print(f"device: {name}; batch {args.batch_size}; {args.steps - args.warmup} timed steps "
           f"after {args.warmup}; {flops / 1e9:.1f} GFLOP per training sample (FlopCounterMode)"

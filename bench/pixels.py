@@ -59,7 +59,7 @@ def main(argv=None):
     std = np.asarray(processor.image_std).reshape(3, 1, 1)
 
     def draft(path):
-        with open_image(path, draft_box(size)) as img:
+        with open_image(path, draft=draft_box(size)) as img:
             return image_to_uint8(img, size, resample)
 
     with tempfile.TemporaryDirectory() as tmp:

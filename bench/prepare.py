@@ -1,11 +1,11 @@
 """Data preparation, measured side by side in one run on the same COCO-layout folder of
 photo-sized (640x480) JPEGs, 5 captions each, for a 224 px ViT image processor:
 
-- ours: dataloader.py (uint8 pixels once per image, draft-mode decoding in --num_proc
+- ours: dataloader.py (uint8 pixels once per image, decoded in --num_proc
   processes, arrow shards, dynamic-length token ids)
 - earlier take: one row per caption, float32 `pixel_values` from ViTImageProcessor, one
   process, `padding="max_length"`, a datasets.Dataset saved with save_to_disk
-- floor: only decoding and resizing the same files (draft mode, same processes), writing
+- floor: only decoding and resizing the same files (the same function, same processes), writing
   nothing
 
     python bench/prepare.py [--images 300] [--num_proc 2]
@@ -121,8 +121,7 @@ def run_floor(coco, out, processor_dir, num_proc):
 
     from transformers import AutoImageProcessor
 
-    import dataloader
-    from captioning.images import processor_resample, processor_size
+    from captioning.images import decode_for_storage, processor_resample, processor_size
 
     start = time.perf_counter()
     processor = AutoImageProcessor.from_pretrained(processor_dir)
@@ -131,7 +130,7 @@ def run_floor(coco, out, processor_dir, num_proc):
              for f in sorted(os.listdir(os.path.join(coco, folder)))]
     jobs = [(p, size, resample, False) for p in paths]
     with Pool(num_proc) as pool:
-        done = sum(1 for _ in pool.imap(dataloader._decode_job, jobs, chunksize=8))
+        done = sum(1 for _ in pool.starmap(decode_for_storage, jobs, chunksize=8))
     return {"seconds": time.perf_counter() - start, "images": done, "rows": 0, "bytes": 0}
 
 

@@ -29,7 +29,8 @@ sys.path.insert(0, ROOT)
 import dataloader  # noqa: E402
 from captioning import shapes  # noqa: E402
 from captioning.cli import quiet_transformers  # noqa: E402
-from captioning.modeling import build_model, load_image_processor, load_tokenizer  # noqa: E402
+from captioning.modeling import (TINY_IMAGE_SIZE, build_model, load_image_processor,  # noqa: E402
+                                 load_tokenizer)
 from captioning.store import load_split  # noqa: E402
 from captioning.trainer import CaptionCollator, TrainView  # noqa: E402
 
@@ -126,7 +127,7 @@ def main(argv=None):
 
         def fresh_model():
             set_seed(0)
-            return build_model("tiny", "tiny", tokenizer, (64, 64))
+            return build_model("tiny", "tiny", tokenizer, (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE))
 
         collator = CaptionCollator(processor)
         batches = [collator([ours_ds[j] for j in range(i, min(i + args.batch_size, len(ours_ds)))])

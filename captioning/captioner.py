@@ -11,11 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .devices import pick_device
-from .fetch import Client, FetchError
+from .fetch import DEFAULT_MAX_DOWNLOAD_MB, Client, FetchError, is_url, looks_like_html
 from .images import load_uint8, normalize_pixels, processor_resample, processor_size
 from .modeling import decode_captions, fill_generation_ids, load_image_processor, load_tokenizer
 
-DEFAULT_MAX_DOWNLOAD_BYTES = 20 * 2**20
 
 
 class InputError(Exception):
@@ -24,12 +23,12 @@ class InputError(Exception):
 
 def read_source(source, client, max_bytes):
     """URL or path -> bytes or a path PIL can open, or InputError with a one-line reason."""
-    if "://" in source:
+    if is_url(source):
         try:
             data = client.get_bytes(source, max_bytes)
         except FetchError as e:
             raise InputError(str(e)) from None
-        if data.lstrip()[:15].lower().startswith((b"<!doctype", b"<html")):
+        if looks_like_html(data):
             raise InputError("the URL returned an HTML page, not an image")
         return data
     if not os.path.exists(source):
@@ -95,7 +94,7 @@ def caption_pixels(uint8_batch, model, tokenizer, processor, **generate_kwargs):
 
 
 def caption_sources(sources, model, tokenizer, processor, batch_size=16, workers=8,
-                    timeout=10.0, max_bytes=DEFAULT_MAX_DOWNLOAD_BYTES, **generate_kwargs):
+                    timeout=10.0, max_bytes=int(DEFAULT_MAX_DOWNLOAD_MB * 2**20), **generate_kwargs):
     """Yield (source, caption, None) or (source, None, InputError) for each source, in input
     order."""
     size, resample = processor_size(processor), processor_resample(processor)

@@ -19,12 +19,12 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-from .fetch import Client, FetchError
+from .fetch import FetchError, looks_like_html
 from .sources import COCO_FOLDERS
 
 PERMANENT_HTTP = {400, 401, 403, 404, 410}  # no point retrying these
 MAX_IMAGE_BYTES = 50 * 2**20
-MAX_ARCHIVE_BYTES = 2 * 2**30  # annotations_trainval2014.zip is 241 MB
+MAX_ANNOTATION_BYTES = 2 * 2**30  # annotations_trainval2014.zip is 241 MB; a caption JSON, tens of MB
 ARCHIVE = "annotations_trainval2014.zip"
 
 
@@ -45,9 +45,11 @@ def with_retries(action, retries):
     return error
 
 
-def save_url(client, url, path, max_bytes):
-    """One small file (an image, a caption JSON) to path through a temporary name."""
-    data = client.get_bytes(url, max_bytes)
+def save_image(client, url, path):
+    """One image to path through a temporary name; an HTML page is refused."""
+    data = client.get_bytes(url, MAX_IMAGE_BYTES)
+    if looks_like_html(data):
+        raise FetchError("the URL returned an HTML page, not an image")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.part-{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -60,44 +62,56 @@ def is_present(path):
 
 
 def fetch_image(entry, client, retries):
-    return with_retries(functools.partial(save_url, client, entry["url"], entry["path"],
-                                          MAX_IMAGE_BYTES), retries)
+    return with_retries(functools.partial(save_image, client, entry["url"], entry["path"]),
+                        retries)
 
 
-def fetch_missing(entries, *, args, client, counts):
-    """Download the entries' images that are not on disk yet, in parallel. Failures are
-    counted and left to decoding to skip."""
+def fetch_missing(entries, *, client, workers, retries, quiet, counts):
+    """Download the entries' images that are not on disk yet, with `workers` threads.
+    Failures are counted and left to decoding to skip."""
     from tqdm import tqdm
 
     todo = [e for e in entries if not is_present(e["path"])]
     counts["already_present"] += len(entries) - len(todo)
     if not todo:
         return
-    with ThreadPoolExecutor(args.download_workers) as pool, \
+    with ThreadPoolExecutor(workers) as pool, \
             tqdm(total=len(todo), desc="download  ", unit="img", file=sys.stderr,
-                 disable=args.quiet, leave=False) as bar:
-        fetch = functools.partial(fetch_image, client=client, retries=args.retries)
+                 disable=quiet, leave=False) as bar:
+        fetch = functools.partial(fetch_image, client=client, retries=retries)
         for entry, error in zip(todo, pool.map(fetch, todo)):
             counts["downloaded" if error is None else "download_failed"] += 1
-            if error is not None and not args.quiet:
+            if error is not None and not quiet:
                 bar.write(f"{entry['url']}: {error}", file=sys.stderr)
             bar.update(1)
 
 
-def download_archive(client, url, path, retries, quiet):
-    """The annotations archive, streamed to disk with a bar in MB, resumed where a .part
-    was left."""
-    from tqdm import tqdm
+class MegabyteBar:
+    """download progress(done, total) -> a tqdm bar counting MB (total may be unknown)."""
 
-    with tqdm(desc=os.path.basename(path), unit="MB", unit_scale=1 / 2**20, file=sys.stderr,
-              disable=quiet, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} MB [{elapsed}]") as bar:
-        def progress(done, total):
-            if total is not None and bar.total != total:
-                bar.total = total
-            bar.update(done - bar.n)
+    def __init__(self, name, quiet):
+        from tqdm import tqdm
 
-        return with_retries(functools.partial(client.download, url, path, MAX_ARCHIVE_BYTES,
-                                              progress), retries)
+        self.bar = tqdm(desc=name, unit="MB", file=sys.stderr, disable=quiet,
+                        bar_format="{l_bar}{bar}| {n:.0f} MB [{elapsed}, {rate_fmt}]")
+
+    def __call__(self, done, total):
+        if total is not None and self.bar.total != total / 2**20:
+            self.bar.total = total / 2**20
+        self.bar.update(done / 2**20 - self.bar.n)
+
+    def close(self):
+        self.bar.close()
+
+
+def download_streamed(client, url, path, retries, quiet):
+    """A large file streamed to disk with a bar in MB, resumed where a .part was left."""
+    bar = MegabyteBar(os.path.basename(path), quiet)
+    try:
+        return with_retries(functools.partial(client.download, url, path,
+                                              MAX_ANNOTATION_BYTES, bar), retries)
+    finally:
+        bar.close()
 
 
 def extract_captions(zip_path, names, ann_dir):
@@ -110,7 +124,7 @@ def extract_captions(zip_path, names, ann_dir):
             for name, (tmp, _) in zip(names, parts):
                 with z.open(f"annotations/{name}") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)  # the CRC is checked at the end
-    except (zipfile.BadZipFile, zlib.error, KeyError, EOFError, OSError) as e:
+    except (zipfile.BadZipFile, zlib.error, KeyError, EOFError) as e:  # the archive, not the disk
         for tmp, _ in parts:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -121,7 +135,7 @@ def extract_captions(zip_path, names, ann_dir):
         os.replace(tmp, final)
 
 
-def fetch_annotations(coco_dir, base_url, args, client):
+def fetch_annotations(coco_dir, base_url, client, retries=3, quiet=False):
     """captions_{train,val}2014.json: straight from a mirror that serves them, or else from
     the official annotations_trainval2014.zip (extracting only the caption files)."""
     ann_dir = os.path.join(coco_dir, "annotations")
@@ -131,14 +145,13 @@ def fetch_annotations(coco_dir, base_url, args, client):
     if not missing:
         return
     if not os.path.isfile(zip_path) and not os.path.isfile(f"{zip_path}.part"):
-        missing = [n for n in missing if with_retries(functools.partial(
-            save_url, client, f"{base_url}/annotations/{n}", os.path.join(ann_dir, n),
-            MAX_IMAGE_BYTES), 0) is not None]
+        missing = [n for n in missing if download_streamed(
+            client, f"{base_url}/annotations/{n}", os.path.join(ann_dir, n), 0, True)]
     if not missing:
         return
     if not os.path.isfile(zip_path):
-        error = download_archive(client, f"{base_url}/annotations/{ARCHIVE}", zip_path,
-                                 args.retries, args.quiet)
+        error = download_streamed(client, f"{base_url}/annotations/{ARCHIVE}", zip_path,
+                                  retries, quiet)
         if error is not None:
             raise FileNotFoundError(f"cannot download the COCO caption annotations: {error} "
                                     f"(what arrived is kept and resumed by the next run)")

@@ -7,7 +7,10 @@ server cannot hang or exhaust a run. A body shorter than its Content-Length is a
 never a short file. Errors come back as FetchError with a one-line reason.
 
 Large files (COCO's 241 MB annotations archive) stream to disk under `<path>.part`, and a
-partial file is resumed with an HTTP Range request where the server honours one.
+partial file is resumed with an HTTP Range request where the server honours one (If-Range
+with the validator saved when the download started, so a changed file restarts instead of
+being appended to). The timeout is per connect and per read, as in requests: a server that
+drips a byte within every --timeout is not cut off.
 """
 
 import os
@@ -15,7 +18,10 @@ import os
 import requests
 from requests.adapters import HTTPAdapter
 
+import re
+
 MAX_REDIRECTS = 5
+DEFAULT_MAX_DOWNLOAD_MB = 20.0  # an image by URL (inference.py --max_download_mb)
 USER_AGENT = "image-captioning/1.0"
 CHUNK = 1 << 20
 
@@ -31,6 +37,16 @@ class FetchError(Exception):
 
 def size_limit_message(max_bytes):
     return f"larger than the {max_bytes / 2**20:g} MB limit"
+
+
+def is_url(source):
+    """scheme://... (http, https, or one fetch_url will refuse by name)."""
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source) is not None
+
+
+def looks_like_html(data):
+    """An error or login page served with status 200 where an image was expected."""
+    return data.lstrip()[:15].lower().startswith((b"<!doctype", b"<html"))
 
 
 class Client:
@@ -91,18 +107,37 @@ class Client:
 
     def download(self, url, path, max_bytes, progress=None):
         """Stream url to path through `<path>.part`, resuming a partial .part with a Range
-        request (restarting where the server ignores it). `progress(done, total)` is called
-        as bytes arrive. Raises FetchError; the .part stays for the next try."""
-        part = f"{path}.part"
+        request (restarting where the server ignores it, answers 416, or the file changed).
+        `progress(done, total)` is called as bytes arrive. Raises FetchError; the .part stays
+        for the next try."""
+        part, meta = f"{path}.part", f"{path}.part.validator"
         have = os.path.getsize(part) if os.path.isfile(part) else 0
-        with self._get(url, {"Range": f"bytes={have}-"} if have else None) as response:
-            if response.status_code != 206:
-                have = 0  # the server sent the whole file: start again
+        validator = open(meta).read().strip() if have and os.path.isfile(meta) else ""
+        headers = {"Accept-Encoding": "identity"}  # byte offsets must be the file's own
+        if have:
+            headers["Range"] = f"bytes={have}-"
+            if validator:
+                headers["If-Range"] = validator
+        try:
+            response = self._get(url, headers)
+        except FetchError as e:
+            if e.status != 416 or not have:
+                raise
+            os.remove(part)  # nothing left to send from there: the .part is not this file
+            return self.download(url, path, max_bytes, progress)
+        with response:
+            if response.status_code != 206 or not response.headers.get(
+                    "Content-Range", "").startswith(f"bytes {have}-"):
+                have = 0  # the whole file came back: start again
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if not have:
+                with open(meta, "w") as f:
+                    f.write(response.headers.get("ETag") or
+                            response.headers.get("Last-Modified") or "")
             length = _content_length(response)
             total = have + length if length is not None else None
             if total is not None and total > max_bytes:
                 raise FetchError(size_limit_message(max_bytes))
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(part, "ab" if have else "wb") as f:
                 done = have
                 if progress:
@@ -115,6 +150,7 @@ class Client:
                     if progress:
                         progress(done, total)
         os.replace(part, path)
+        os.remove(meta)
 
 
 def _chunks(response):

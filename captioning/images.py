@@ -9,9 +9,11 @@ photo through both scripts' paths).
 Every image is decoded at full size and resized once with the processor's resampling, so the
 uint8 pixels are exactly ViTImageProcessor's before its rescale and normalise: a model
 trained here sees what the model-card snippet (AutoImageProcessor) gives it. JPEG draft
-decoding (libjpeg scaling by 1/2-1/8 while decoding) was 1.43x faster on 640x480 photos but
-differed from the processor by 1 grey level on average and up to 10 (bench/pixels.py), so
-it is offered by `open_image(draft_box=...)` only, and no script uses it.
+decoding (libjpeg scaling by 1/2-1/8 while decoding) was 1.3-1.4x faster on 640x480 photos
+but differed from the processor by 1 grey level on average and up to 10 (bench/pixels.py),
+so only that bench uses it. One difference remains, on purpose: EXIF rotation is applied
+here and not by ViTImageProcessor, so for a rotated photo the model-card snippet should
+apply `ImageOps.exif_transpose` first.
 """
 
 import io
@@ -35,14 +37,14 @@ def processor_resample(processor):
     return Image.Resampling(int(getattr(processor, "resample", Image.Resampling.BILINEAR)))
 
 
-def open_image(source, draft_box=None):
+def open_image(source, draft=None):
     """A path or raw bytes -> fully decoded PIL image (raises OSError on a bad file).
 
-    With draft_box (width, height), a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale
-    that still covers that box; other formats ignore it."""
+    With draft (width, height), a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale
+    that still covers that box; other formats ignore it (see the module docstring)."""
     img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-    if draft_box is not None:
-        img.draft(img.mode, draft_box)
+    if draft is not None:
+        img.draft(img.mode, draft)
     img.load()
     return img
 

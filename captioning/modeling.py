@@ -63,14 +63,18 @@ def load_image_processor(name_or_path):
     return AutoImageProcessor.from_pretrained(name_or_path)
 
 
-def tokenize_captions(captions, tokenizer, max_length):
+def tokenize_captions(captions, tokenizer, max_length, stats=None):
     """Captions -> token ids, each at most max_length tokens *including* the EOS that ends
-    it (cut to max_length - 1 caption tokens first)."""
+    it (cut to max_length - 1 caption tokens first; counted in stats["captions_truncated"]
+    when a dict is given)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the Rust tokenizer itself: 6x faster than going through
         ids = [e.ids for e in backend.encode_batch(list(captions), add_special_tokens=False)]
     else:
         ids = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    if stats is not None:
+        stats["captions_truncated"] = (stats.get("captions_truncated", 0)
+                                       + sum(len(row) > max_length - 1 for row in ids))
     return [row[:max_length - 1] + [tokenizer.eos_token_id] for row in ids]
 
 
@@ -112,7 +116,8 @@ def build_model(encoder_model, decoder_model, tokenizer, image_size, max_new_tok
 
     if encoder_model != TINY and decoder_model != TINY:
         # transformers 5.24 forgets is_decoder on GPT2Config when left to build the decoder
-        # config itself (AttributeError), so hand it a finished one.
+        # config itself (AttributeError), so hand it a finished one. Upstream-labelled test:
+        # tests/test_train.py::test_upstream_from_encoder_decoder_pretrained_forgets_is_decoder.
         decoder_config = AutoConfig.from_pretrained(decoder_model)
         decoder_config.is_decoder = True
         decoder_config.add_cross_attention = True
@@ -161,6 +166,35 @@ def load_model_strict(model_dir, into=None):
     return into
 
 
+def freeze(model, *, encoder=False, decoder=False):
+    """encoder: the whole ViT. decoder: GPT-2 except its cross-attention (and the layer norm
+    before it) and the LM head, which must learn to read the image; GPT-2 ties the LM head to
+    the input embeddings, so those stay trainable too.
+
+    The ViT pooler is always frozen: the decoder reads the patch states, never the pooled
+    output, so the pooler would be a trainable parameter without a gradient (which DDP
+    refuses once find_unused_parameters is off). It stays in the saved model."""
+    for p in model.encoder.parameters():
+        p.requires_grad = not encoder
+    pooler = getattr(model.encoder, "pooler", None)
+    if pooler is not None:
+        for p in pooler.parameters():
+            p.requires_grad = False
+    for name, p in model.decoder.named_parameters():
+        p.requires_grad = not decoder or any(
+            k in name for k in ("crossattention", "ln_cross_attn", "lm_head", "wte"))
+
+
+def upcast_decoder_attention(model):
+    """fp16 and GPT-2: attention scores overflow in half precision. transformers applies
+    GPT-2's `reorder_and_upcast_attn` only on the eager attention path, so take that path."""
+    model.decoder.config.reorder_and_upcast_attn = True
+    for module in model.decoder.modules():
+        if hasattr(module, "reorder_and_upcast_attn"):
+            module.reorder_and_upcast_attn = True
+    model.decoder.set_attn_implementation("eager")
+
+
 def fill_generation_ids(model, tokenizer):
     """Published captioners (nlpconnect/vit-gpt2-image-captioning, say) keep their token ids
     in config.json and may have no generation_config.json: fill what generate needs."""
@@ -172,3 +206,17 @@ def fill_generation_ids(model, tokenizer):
             value = getattr(config, name, None)
             setattr(gen, name, value if value is not None else fallback)
     return model
+
+
+def check_init_model(model, manifest, tokenizer, source):
+    """Refuse, in one line, a model whose tokenizer or image size don't fit the data."""
+    vocab = model.config.decoder.vocab_size
+    image = model.config.encoder.image_size
+    if vocab != len(tokenizer):
+        raise ValueError(f"--init_from {source} has a {vocab}-token vocabulary, the data's "
+                         f"tokenizer {len(tokenizer)}: prepare the data with dataloader.py "
+                         f"--from_model {source}")
+    if [image, image] != list(manifest["image_size"]):
+        raise ValueError(f"--init_from {source} takes {image} px images, the data was prepared "
+                         f"at {manifest['image_size'][0]} px: prepare it with --from_model "
+                         f"{source}")

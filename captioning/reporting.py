@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from transformers.integrations import TensorBoardCallback
 
-from metrics import TABLE_METRICS
+from .scoring import TABLE_METRICS
 
 from .store import write_json
 

@@ -56,10 +56,11 @@ def read_coco_split(coco_dir, folder, base_url=COCO_BASE_URL):
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
 
 
-def read_karpathy(source, coco_dir, base_url=COCO_BASE_URL):
-    """Karpathy's dataset_coco.json, a parquet file, or a Hub dataset with the same columns
-    (filepath, filename, split, sentences, cocoid[, url]) -> {split: entries}.
-    restval goes to train, as in every codebase that uses this split."""
+def read_karpathy(source, image_root, base_url=COCO_BASE_URL):
+    """Karpathy's split file -> {split: entries}: dataset_coco.json (filepath + filename under
+    a COCO root), dataset_flickr8k.json / dataset_flickr30k.json (filename only, under
+    image_root), or a parquet file / Hub dataset with the same columns. restval goes to train,
+    as in every codebase that uses this split. image_id is cocoid, else imgid."""
     if source.endswith(".json"):
         with open(source, encoding="utf-8") as f:
             rows = json.load(f)["images"]
@@ -70,13 +71,226 @@ def read_karpathy(source, coco_dir, base_url=COCO_BASE_URL):
                   else load_dataset(source))
         rows = concatenate_datasets(list(loaded.values())).to_list()
     splits = {"train": [], "validation": [], "test": []}
-    for row in rows:
-        sentences = [s["raw"] if isinstance(s, dict) else s for s in row["sentences"]]
-        entry = make_entry(row["cocoid"], row["filepath"], row["filename"], sentences,
-                           coco_dir, base_url, url=row.get("url") if base_url == COCO_BASE_URL
-                           else None)
+    for number, row in enumerate(rows):
+        sentences = as_caption_list(row["sentences"])
+        image_id = row.get("cocoid", row.get("imgid", number))
+        folder = row.get("filepath") or ""
+        entry = make_entry(image_id, folder, row["filename"], sentences, image_root, base_url,
+                           url=row.get("url") if base_url == COCO_BASE_URL else None)
         if entry["captions"]:
             splits[KARPATHY_SPLITS[row["split"]]].append(entry)
     for entries in splits.values():
         entries.sort(key=lambda e: e["image_id"])
     return splits
+
+
+# ----------------------------------------------------------------------------- your own data
+
+class SourceError(ValueError):
+    """Caption data that cannot be read; the message is one line naming the problem."""
+
+
+CAPTION_COLUMNS = ("caption", "captions", "text", "sentences")
+SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation",
+               "valid": "validation", "test": "test"}
+
+
+def pick_caption_column(columns, wanted, where):
+    if wanted is not None:
+        if wanted not in columns:
+            raise SourceError(f"{where} has no column '{wanted}' (its columns: "
+                              f"{', '.join(columns)}); pass --caption_column NAME")
+        return wanted
+    for name in CAPTION_COLUMNS:
+        if name in columns:
+            return name
+    raise SourceError(f"{where} has none of the caption columns {', '.join(CAPTION_COLUMNS)} "
+                      f"(its columns: {', '.join(columns)}); pass --caption_column NAME")
+
+
+def as_caption_list(value):
+    """A caption cell -> list of strings: a string, a list of strings, a Karpathy-style list
+    of {"raw": ...}, or a JSON list written into a CSV cell."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                return [value]
+            return as_caption_list(parsed)
+        return [value]
+    if isinstance(value, dict):
+        return [value.get("raw", "")]
+    return [c for item in value for c in as_caption_list(item)]
+
+
+def read_metadata_rows(image_dir):
+    """DIR/metadata.jsonl or DIR/metadata.csv -> (rows as dicts, the file's name)."""
+    import csv
+
+    jsonl, csv_path = (os.path.join(image_dir, f"metadata.{ext}") for ext in ("jsonl", "csv"))
+    if os.path.isfile(jsonl):
+        rows = []
+        with open(jsonl, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as e:
+                        raise SourceError(f"{jsonl} line {number} is not JSON: {e}") from None
+        return rows, jsonl
+    if os.path.isfile(csv_path):
+        rows = []
+        with open(csv_path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, strict=True)
+            try:
+                for row in reader:
+                    if None in row or any(v is None for v in row.values()):
+                        raise SourceError(f"{csv_path} line {reader.line_num}: not the "
+                                          f"{len(reader.fieldnames)} fields of the header")
+                    rows.append(row)
+            except csv.Error as e:
+                raise SourceError(f"{csv_path} line {reader.line_num}: {e}") from None
+        return rows, csv_path
+    raise SourceError(f"{image_dir} has no metadata.jsonl or metadata.csv (a file_name column "
+                      f"and a caption column, as Hugging Face's imagefolder reads)")
+
+
+def group_rows(rows, key, caption_column, where, counts):
+    """Rows naming images (several may name the same one) -> {key: {"captions", "split"}}
+    in first-seen order, empty captions skipped and counted."""
+    grouped = {}
+    for row in rows:
+        name = row[key]
+        item = grouped.setdefault(name, {"captions": [], "split": None})
+        for caption in as_caption_list(row.get(caption_column)):
+            if normalize_caption(caption):
+                item["captions"].append(caption)
+            else:
+                counts["empty_caption"] += 1
+        split = row.get("split")
+        if split not in (None, ""):
+            if str(split).lower() not in SPLIT_NAMES:
+                raise SourceError(f"{where}: split '{split}' for {name} is none of "
+                                  f"train, validation (val), test")
+            item["split"] = SPLIT_NAMES[str(split).lower()]
+    return grouped
+
+
+def read_imagefolder(image_dir, caption_column=None):
+    """A folder of images with metadata.jsonl/.csv -> (entries, has_split, counts).
+    image_id is the image's position in the sorted list of file names."""
+    rows, where = read_metadata_rows(image_dir)
+    columns = list(rows[0]) if rows else []
+    if "file_name" not in columns:
+        raise SourceError(f"{where} has no file_name column (its columns: "
+                          f"{', '.join(columns) or 'none'})")
+    column = pick_caption_column(columns, caption_column, where)
+    counts = {"missing_image": 0, "empty_caption": 0, "no_caption": 0}
+    grouped = group_rows(rows, "file_name", column, where, counts)
+    entries, has_split = [], any(item["split"] for item in grouped.values())
+    for image_id, name in enumerate(sorted(grouped)):
+        item, path = grouped[name], os.path.join(image_dir, name)
+        if not os.path.isfile(path):
+            counts["missing_image"] += 1
+            continue
+        entry = make_entry(image_id, os.path.dirname(name), os.path.basename(name),
+                           item["captions"], image_dir, "")
+        entry.update(file_name=name, path=path, split=item["split"] or "train")
+        if entry["captions"]:
+            entries.append(entry)
+        else:
+            counts["no_caption"] += 1
+    return entries, has_split, counts
+
+
+def load_hub_dataset(name_or_path):
+    """A Hub id, a local parquet file, or a save_to_disk folder -> {split name: Dataset}."""
+    import datasets
+
+    if os.path.isdir(name_or_path) and (
+            os.path.isfile(os.path.join(name_or_path, "dataset_info.json"))
+            or os.path.isfile(os.path.join(name_or_path, "dataset_dict.json"))):
+        loaded = datasets.load_from_disk(name_or_path)
+    elif name_or_path.endswith(".parquet"):
+        loaded = datasets.load_dataset("parquet", data_files=name_or_path)
+    else:
+        loaded = datasets.load_dataset(name_or_path)
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+
+
+def read_hub(name_or_path, image_column=None, caption_column=None):
+    """A dataset with an Image column and a caption column -> (entries, has_split, counts,
+    {split: dataset with the image column left undecoded}). Only the caption column is read
+    here; images are read a wave at a time by `load_hub_images`."""
+    import datasets
+
+    parts = load_hub_dataset(name_or_path)
+    first = next(iter(parts.values()))
+    images = [n for n, f in first.features.items() if isinstance(f, datasets.Image)]
+    if image_column is None:
+        if len(images) != 1:
+            raise SourceError(f"{name_or_path}: {len(images)} image columns "
+                              f"({', '.join(images) or 'none'}); pass --image_column NAME")
+        image_column = images[0]
+    elif image_column not in first.column_names:
+        raise SourceError(f"{name_or_path} has no column '{image_column}' (its columns: "
+                          f"{', '.join(first.column_names)})")
+    column = pick_caption_column(first.column_names, caption_column, name_or_path)
+    has_split = len(parts) > 1 and all(k.lower() in SPLIT_NAMES for k in parts)
+    counts = {"missing_image": 0, "empty_caption": 0, "no_caption": 0}
+    entries, undecoded = [], {}
+    for part, ds in parts.items():
+        undecoded[part] = ds.cast_column(image_column, datasets.Image(decode=False))
+        for i, value in enumerate(ds.select_columns([column])[column]):
+            captions = as_caption_list(value)
+            kept = [c for c in captions if normalize_caption(c)]
+            counts["empty_caption"] += len(captions) - len(kept)
+            if not kept:
+                counts["no_caption"] += 1
+                continue
+            entry = make_entry(len(entries), part, str(i), kept, "", "")
+            entry.update(file_name=f"{part}/{i}", path=None, hub=(part, i), url=None,
+                         split=SPLIT_NAMES.get(part.lower(), "train"))
+            entries.append(entry)
+    return entries, has_split, counts, (undecoded, image_column)
+
+
+def load_hub_images(wave, *, hub, counts):
+    """The `fetch` step of a Hub source: the wave's encoded image bytes, read from the
+    dataset just before decoding (entry["data"]; dataloader.py drops it after)."""
+    undecoded, column = hub
+    by_part = {}
+    for entry in wave:
+        by_part.setdefault(entry["hub"][0], []).append(entry)
+    for part, entries in by_part.items():
+        cells = undecoded[part][[e["hub"][1] for e in entries]][column]
+        for entry, cell in zip(entries, cells):
+            entry["data"] = cell.get("bytes") or cell.get("path")
+
+
+def references_by_image_id(path, caption_column=None):
+    """{image_id: [captions]} from what metrics.py --annotations accepts: a COCO captions
+    json, a Karpathy split json (image_id = cocoid, else imgid), or an imagefolder
+    metadata.jsonl/.csv (image_id = the position of file_name in sorted order, as
+    read_imagefolder numbers them)."""
+    if os.path.basename(path) in ("metadata.jsonl", "metadata.csv"):
+        rows, where = read_metadata_rows(os.path.dirname(path) or ".")
+        columns = list(rows[0]) if rows else []
+        column = pick_caption_column(columns, caption_column, where)
+        grouped = group_rows(rows, "file_name", column, where,
+                             {"empty_caption": 0})
+        return {i: [normalize_caption(c) for c in grouped[name]["captions"]]
+                for i, name in enumerate(sorted(grouped))}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if "annotations" in data:
+        return captions_by_image(data["annotations"])
+    if "images" in data and data["images"] and "sentences" in data["images"][0]:
+        return {row.get("cocoid", row.get("imgid", n)): as_caption_list(row["sentences"])
+                for n, row in enumerate(data["images"])}
+    raise SourceError(f"{path} is neither a COCO captions file, a Karpathy split file nor "
+                      f"an imagefolder metadata file")

@@ -12,6 +12,8 @@ loss, evaluation, and every override of a Trainer internal, in one labelled plac
 
 import dataclasses
 import math
+import sys
+import time
 
 import numpy as np
 from transformers import Seq2SeqTrainer
@@ -103,36 +105,7 @@ class CaptionCollator:
         return {"pixel_values": pixels, "labels": labels}
 
 
-# ----------------------------------------------------------------------------- model parts
-
-def freeze(model, *, encoder=False, decoder=False):
-    """encoder: the whole ViT. decoder: GPT-2 except its cross-attention (and the layer norm
-    before it) and the LM head, which must learn to read the image; GPT-2 ties the LM head to
-    the input embeddings, so those stay trainable too.
-
-    The ViT pooler is always frozen: the decoder reads the patch states, never the pooled
-    output, so the pooler would be a trainable parameter without a gradient (which DDP
-    refuses once find_unused_parameters is off). It stays in the saved model."""
-    for p in model.encoder.parameters():
-        p.requires_grad = not encoder
-    pooler = getattr(model.encoder, "pooler", None)
-    if pooler is not None:
-        for p in pooler.parameters():
-            p.requires_grad = False
-    for name, p in model.decoder.named_parameters():
-        p.requires_grad = not decoder or any(
-            k in name for k in ("crossattention", "ln_cross_attn", "lm_head", "wte"))
-
-
-def upcast_decoder_attention(model):
-    """fp16 and GPT-2: attention scores overflow in half precision. transformers applies
-    GPT-2's `reorder_and_upcast_attn` only on the eager attention path, so take that path."""
-    model.decoder.config.reorder_and_upcast_attn = True
-    for module in model.decoder.modules():
-        if hasattr(module, "reorder_and_upcast_attn"):
-            module.reorder_and_upcast_attn = True
-    model.decoder.set_attn_implementation("eager")
-
+# ----------------------------------------------------------------------------- loss and shards
 
 def token_loss_sum(model, batch, config):
     """-> (sum of per-token cross-entropy over the batch's caption tokens, token count).
@@ -177,22 +150,23 @@ class CaptionTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer for the captioner.
 
     Arguments beyond Seq2SeqTrainer's: `eval_collator` (rows -> batch for evaluation),
-    `score` (predictions, references -> metrics dict), `on_predictions(prefix, predictions,
-    global_step)` (called on the main process after each evaluation, with the captions in
-    split order: previews, reports), and `caption_seed` (the caption draw, see TrainView).
+    `score` (predictions, references -> metrics dict), and `on_predictions(prefix,
+    predictions, global_step)` (called on the main process after each evaluation, with the
+    captions in split order: previews, reports).
     """
 
-    # The loss returned by compute_loss is already normalised by the effective batch's token
-    # count, so training_step must not divide it by the accumulation steps again.
-    loss_is_scaled_for_ga = True
-
-    def __init__(self, *args, eval_collator, score, on_predictions=None, caption_seed=0,
-                 **kwargs):
+    def __init__(self, *args, eval_collator, score, on_predictions=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator
         self.score = score
         self.on_predictions = on_predictions
-        self.caption_seed = caption_seed
+        self._epoch_sampler = None
+        # Trainer settings (not method overrides) that compute_loss relies on, transformers
+        # 5.24: count the effective batch's tokens (num_items_in_batch) whatever the model's
+        # forward signature says, and don't divide the loss by the accumulation steps again.
+        # Guarded by tests/test_training_invariants.py::test_loss_invariant_to_batch_split.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
 
     # ------------------------------------------------------------------ evaluation (ours)
 
@@ -200,8 +174,6 @@ class CaptionTrainer(Seq2SeqTrainer):
         """Caption every image of `dataset` once and score the captions against all their
         references. Under a launcher each process takes its own contiguous shard."""
         import torch
-
-        import time
 
         began = time.perf_counter()
         world, rank = self.args.world_size, self.args.process_index
@@ -236,7 +208,14 @@ class CaptionTrainer(Seq2SeqTrainer):
             shared = [metrics]
             torch.distributed.broadcast_object_list(shared, src=0)
             metrics = shared[0]
+        if not math.isfinite(metrics[f"{prefix}_loss"]):
+            raise NonFiniteLossError(
+                f"the {prefix} loss became {metrics[f'{prefix}_loss']} at step "
+                f"{self.state.global_step}, so the weights are broken; no checkpoint was written "
+                f"for them and the earlier ones are intact. Try a lower --lr, --precision bf16 "
+                f"or fp32")
         return CaptionResult(predictions, metrics)
+
 
     # ------------------------------------------------------------------ Trainer overrides
     # Each replaces a Trainer method of transformers 5.24 whose own behaviour is wrong for
@@ -268,32 +247,45 @@ class CaptionTrainer(Seq2SeqTrainer):
         loss = loss_sum / count * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        # Stop at the first non-finite loss, before its gradient reaches the weights, so the
-        # last checkpoint written is a good one. Guarded by test_non_finite_loss_stops_the_run.
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not math.isfinite(float(loss)):
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Stop at the first non-finite gradient (a NaN or infinite loss gives one), before the
+        # optimizer step, so no checkpoint ever holds its weights. The norm is taken after
+        # DDP's all-reduce, so every process stops at the same step. Under fp16 the
+        # GradScaler skips overflowing steps itself, so the check is left to it.
+        # Guarded by tests/test_training_invariants.py::test_non_finite_loss_stops_the_run.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        value = float(grad_norm) if grad_norm is not None else 0.0
+        if not math.isfinite(value) and not self.args.fp16:
             raise NonFiniteLossError(
-                f"the training loss became {float(loss)} at step {self.state.global_step + 1}; "
-                f"the last checkpoint is intact. Try a lower --lr, --precision bf16 or fp32")
-        return loss
+                f"the training loss or its gradient became {value} at step "
+                f"{self.state.global_step + 1}; that step was not taken and the last checkpoint "
+                f"is intact. Try a lower --lr, --precision bf16 or fp32")
+        return grad_norm
+
+    def _run_epoch(self, *args, epoch, **kwargs):
+        # accelerate's set_epoch does not reach the sampler through the wrappers that
+        # skip_first_batches and BatchSamplerShard add under torchrun, so a resumed epoch would
+        # replay epoch 0's order and captions. Guarded by
+        # tests/test_training_invariants.py::test_torchrun_resume_mid_epoch_is_exact.
+        if self._epoch_sampler is not None:
+            self._epoch_sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         # Trainer's RandomSampler plus a collate-time caption draw from Python's RNG made
         # resume inexact (accelerate collates one batch ahead of the saved RNG state).
         # Guarded by tests/test_training_invariants.py::test_resume_mid_epoch_is_exact.
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        return EpochSampler(len(dataset), self.args.seed)
+        self._epoch_sampler = EpochSampler(len(dataset), self.args.seed)
+        return self._epoch_sampler
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # Trainer's own loader restores only some of this model's tensors in transformers 5.x
         # (the ViT keys were renamed) and merely warns; this loads every tensor or fails.
-        # Guarded by tests/test_checkpoints.py::test_strict_resume_restores_every_tensor.
+        # Guarded by tests/test_resume.py::test_strict_resume_restores_every_tensor.
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_model_strict(resume_from_checkpoint, into=target)
         if self.is_world_process_zero():
-            import sys
-
             print(f"resumed weights from {resume_from_checkpoint}: all "
                   f"{len(target.state_dict())} tensors restored", file=sys.stderr)
 

@@ -202,8 +202,9 @@ def http_server():
 
 
 class RealHostHandler(http.server.BaseHTTPRequestHandler):
-    """Serves files like images.cocodataset.org: HTTP/1.1 keep-alive, Range requests
-    answered with 206, 404 for anything else. `server.cut` maps a path to a byte count after
+    """Serves files like images.cocodataset.org: HTTP/1.1 keep-alive, an ETag, Range
+    requests answered with 206 (416 past the end; the whole file when If-Range no longer
+    matches), 404 for anything else. `server.cut` maps a path to a byte count after
     which the first response for it hangs up (an interrupted download)."""
 
     protocol_version = "HTTP/1.1"
@@ -221,12 +222,22 @@ class RealHostHandler(http.server.BaseHTTPRequestHandler):
             return
         start = 0
         ranged = self.headers.get("Range")
-        if ranged and srv.ranges and ranged.startswith("bytes=") and ranged.endswith("-"):
+        etag = f'"{len(body)}-{hash(body[:4096]) & 0xffffffff:x}"'
+        if_range = self.headers.get("If-Range")
+        if (ranged and srv.ranges and ranged.startswith("bytes=") and ranged.endswith("-")
+                and (if_range is None or if_range == etag)):
             start = int(ranged[6:-1])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        self.send_header("ETag", etag)
         self.send_header("Content-Length", str(len(body) - start))
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
@@ -257,6 +268,9 @@ class RealHostServer(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address):
         self.connections += 1
         super().process_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        pass  # a client that hung up mid-body (the tests do that on purpose)
 
     @property
     def url(self):

@@ -62,9 +62,8 @@ def test_one_uint8_row_per_image_with_all_captions(prepared, shapes_coco):
 
 
 def test_stored_pixels_are_the_files_resized(prepared, shapes_coco):
-    """Checked against plain PIL, not against the code that stored them. The shapes images
-    (128x96) are too small for JPEG draft scaling at 64 px, so a full decode and one
-    bilinear resize must give exactly the stored bytes."""
+    """Checked against plain PIL, not against the code that stored them: a full decode and
+    one bilinear resize must give exactly the stored bytes."""
     from PIL import Image
 
     ds = load_split(prepared, "validation")

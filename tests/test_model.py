@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from captioning.devices import choose_precision
-from captioning.modeling import decode_captions, load_model_strict
-from captioning.trainer import (CaptionCollator, EpochSampler, TrainView, caption_index, freeze,
+from captioning.modeling import decode_captions, freeze, load_model_strict
+from captioning.trainer import (CaptionCollator, EpochSampler, TrainView, caption_index,
                                 shard_range, token_loss_sum)
 from conftest import TINY_SIZE
 
@@ -178,7 +178,7 @@ def test_half_precision_refused_without_cuda():
 
 
 def test_fp16_upcasts_gpt2_attention(tiny):
-    from captioning.trainer import upcast_decoder_attention
+    from captioning.modeling import upcast_decoder_attention
 
     model = tiny.model()
     upcast_decoder_attention(model)

@@ -81,7 +81,7 @@ def test_full_size_rehearsal(hub_full_size, tmp_path):
     out, rss_train = _peak_rss(
         "train.py", "--data_path", "data", "--output_dir", "model", "--max_steps", str(steps),
         "--batch_size", "8", "--save_steps", str(steps), "--num_beams", "1",
-        "--max_new_tokens", "8", "--eval_batch_size", "4", "--num_preview_images", "0",
+        "--eval_batch_size", "4", "--num_preview_images", "0",
         "--quiet", cwd=tmp_path)
     metrics = json.load(open(tmp_path / "model" / "metrics.json"))
     evals = sum(e.get("eval_runtime", 0) for e in metrics["log_history"])
