@@ -46,8 +46,9 @@ def main(argv=None):
                         help='results JSON: [{"image_id": int, "caption": str}, ...]')
     parser.add_argument("--annotations", required=True,
                         help="the references: a COCO captions JSON (e.g. annotations/"
-                             "captions_val2014.json), a Karpathy split JSON, or an imagefolder "
-                             "metadata.jsonl / metadata.csv")
+                             "captions_val2014.json), a Karpathy split JSON, an imagefolder "
+                             "metadata.jsonl / metadata.csv, or train.py's "
+                             "test_predictions.json")
     parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
     try:

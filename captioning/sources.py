@@ -274,7 +274,8 @@ def load_hub_images(wave, *, hub, counts):
 
 def references_by_image_id(path, caption_column=None):
     """{image_id: [captions]} from what metrics.py --annotations accepts: a COCO captions
-    json, a Karpathy split json (image_id = cocoid, else imgid), or an imagefolder
+    json, a Karpathy split json (image_id = cocoid, else imgid), train.py's
+    test_predictions.json (its references, for any source), or an imagefolder
     metadata.jsonl/.csv (image_id = the position of file_name in sorted order, as
     read_imagefolder numbers them)."""
     if os.path.basename(path) in ("metadata.jsonl", "metadata.csv"):
@@ -287,6 +288,8 @@ def references_by_image_id(path, caption_column=None):
                 for i, name in enumerate(sorted(grouped))}
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
+    if isinstance(data, list) and data and "references" in data[0]:  # test_predictions.json
+        return {row["image_id"]: list(row["references"]) for row in data}
     if "annotations" in data:
         return captions_by_image(data["annotations"])
     if "images" in data and data["images"] and "sentences" in data["images"][0]:

@@ -155,6 +155,39 @@ def hub_shaped_dirs(tmp_path_factory):
     return vit_dir, gpt_dir
 
 
+@pytest.fixture(scope="session")
+def nlpconnect_dir(hub_shaped_dirs, tmp_path_factory):
+    """A trained-captioner folder shaped like nlpconnect/vit-gpt2-image-captioning: a plain
+    GPT-2 tokenizer (vocab.json, merges.txt) with no pad token, a ViTImageProcessor, and the
+    generation settings in config.json with no generation_config.json."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig, VisionEncoderDecoderModel
+
+    vit_dir, gpt_dir = hub_shaped_dirs
+    cfg = AutoConfig.from_pretrained(gpt_dir)
+    cfg.is_decoder, cfg.add_cross_attention = True, True
+    model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(vit_dir, gpt_dir,
+                                                                      decoder_config=cfg)
+    d = tmp_path_factory.mktemp("nlpconnect")
+    model.save_pretrained(d)
+    os.remove(d / "generation_config.json")
+    vocab = json.load(open(os.path.join(gpt_dir, "vocab.json")))
+    eos = vocab["<|endoftext|>"]
+    config = json.load(open(d / "config.json"))
+    config.update(decoder_start_token_id=eos, pad_token_id=eos, eos_token_id=eos,
+                  bos_token_id=eos, max_length=16, num_beams=4)
+    json.dump(config, open(d / "config.json", "w"))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(gpt_dir, name), d / name)
+    json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,
+               "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}, open(d / "tokenizer_config.json", "w"))
+    shutil.copy(os.path.join(vit_dir, "preprocessor_config.json"), d)
+    return str(d)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     routes = {}
     log = []

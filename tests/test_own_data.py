@@ -122,6 +122,8 @@ def test_flickr_style_karpathy_json(tmp_path):
     m, data, model = _pipeline(tmp_path, ["--source", "karpathy", "--karpathy_json",
                                           str(karpathy), "--image_dir", str(images)],
                                {"train": 10, "validation": 3, "test": 3})
+    assert inference.main(["--image_path", str(images / "1000_abc.jpg"), "--model_path",
+                           str(model)]) == 0
     assert metrics.main(["--predictions", str(model / "test_results_coco.json"),
                          "--annotations", str(karpathy)]) == 0
 
@@ -160,7 +162,13 @@ def test_hub_style_datasets(tmp_path, form):
     from captioning.store import load_split
 
     captions = [list(r["captions"]) for r in load_split(str(data), "train")]
-    assert ["colour number 1", "a square"] in captions or form == "save_to_disk"
+    if form == "parquet":  # a JSON list in a text cell is a list of captions
+        assert ["colour number 1", "a square"] in captions
+    image = tmp_path / "one.jpg"
+    Image.new("RGB", (40, 40), (120, 50, 90)).save(image)
+    assert inference.main(["--image_path", str(image), "--model_path", str(model)]) == 0
+    assert metrics.main(["--predictions", str(model / "test_results_coco.json"),
+                         "--annotations", str(model / "test_predictions.json")]) == 0
 
 
 @pytest.mark.parametrize("make_bad, extra, message", [
@@ -179,3 +187,95 @@ def test_bad_caption_data_is_one_line(tmp_path, capsys, make_bad, extra, message
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "data").exists()
+
+
+def test_finetune_a_published_captioner_on_your_folder(nlpconnect_dir, tmp_path, capsys):
+    """--from_model takes the nlpconnect-shaped model's processor (32 px) and tokenizer;
+    train.py then starts from its weights (the manifest names it) and captions."""
+    root = tmp_path / "mine"
+    make_imagefolder(str(root), "jsonl")
+    data, model = tmp_path / "data", tmp_path / "model"
+    assert dataloader.main(["--source", "folder", "--image_dir", str(root), "--from_model",
+                            nlpconnect_dir, "--save_path", str(data), "--quiet"]) == 0
+    m = json.load(open(data / "manifest.json", encoding="utf-8"))
+    assert m["from_model"] == nlpconnect_dir and m["image_size"] == [32, 32]
+    capsys.readouterr()
+    assert train.main(["--data_path", str(data), "--output_dir", str(model), "--epochs", "1",
+                       "--batch_size", "4", "--runs_dir", str(tmp_path / "runs"),
+                       "--num_preview_images", "0", "--quiet"]) == 0
+    assert f"model: from {nlpconnect_dir}" in capsys.readouterr().out
+    assert inference.main(["--image_path", str(root / "photos" / "img_01.jpg"),
+                           "--model_path", str(model)]) == 0
+
+
+def test_a_mismatched_init_from_is_refused_in_one_line(nlpconnect_dir, tmp_path, capsys):
+    root = tmp_path / "mine"
+    make_imagefolder(str(root), "jsonl")
+    data = tmp_path / "data"  # a tiny tokenizer and 64 px: not the nlpconnect model's
+    assert dataloader.main(["--source", "folder", "--image_dir", str(root), "--encoder_model",
+                            "tiny", "--decoder_model", "tiny", "--save_path", str(data),
+                            "--quiet"]) == 0
+    capsys.readouterr()
+    rc = train.main(["--data_path", str(data), "--output_dir", str(tmp_path / "model"),
+                     "--init_from", nlpconnect_dir, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--from_model" in err[0] and "vocabulary" in err[0]
+
+
+def test_non_ascii_caption_comes_back_byte_identical(tmp_path, capsys):
+    """A tiny model trained to memorise one German caption with an emoji predicts it, and
+    test_predictions.json holds it byte for byte; metrics.py warns that its tokeniser is
+    English-only."""
+    caption = "Ein Hund läuft 🐕 über die Straße"
+    root = tmp_path / "dogs"
+    root.mkdir()
+    with open(root / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for i in range(30):
+            _image(str(root / f"{i}.jpg"), (200, 8 * i, 40))
+            f.write(json.dumps({"file_name": f"{i}.jpg", "caption": caption},
+                               ensure_ascii=False) + "\n")
+    data, model = tmp_path / "data", tmp_path / "model"
+    assert dataloader.main(["--source", "folder", "--image_dir", str(root), "--encoder_model",
+                            "tiny", "--decoder_model", "tiny", "--save_path", str(data),
+                            "--quiet"]) == 0
+    assert train.main(["--data_path", str(data), "--output_dir", str(model), "--epochs", "25",
+                       "--batch_size", "8", "--lr", "2e-3", "--num_beams", "1",
+                       "--save_steps", "10000", "--runs_dir", str(tmp_path / "runs"),
+                       "--num_preview_images", "0", "--quiet"]) == 0
+    raw = (model / "test_predictions.json").read_bytes()
+    predictions = json.loads(raw)
+    assert predictions and all(p["caption"] == caption for p in predictions)
+    assert caption.encode("utf-8") in raw  # written as UTF-8, not as escapes
+    capsys.readouterr()
+    assert metrics.main(["--predictions", str(model / "test_results_coco.json"),
+                         "--annotations", str(root / "metadata.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "not ASCII" in err and len([l for l in err.splitlines() if "ASCII" in l]) == 1
+
+
+def _readme_block(marker):
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "README.md"), encoding="utf-8").read()
+    after = readme.split(f"<!-- {marker} -->", 1)[1]
+    return after.split("```", 2)[1].split("\n", 1)[1]
+
+
+def test_readme_own_data_commands_run_as_written(tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    images = tmp_path / "my_images"
+    images.mkdir()
+    metadata = _readme_block("own-data-metadata")
+    (images / "metadata.jsonl").write_text(metadata, encoding="utf-8")
+    for i, line in enumerate(metadata.strip().splitlines()):
+        _image(str(images / json.loads(line)["file_name"]), (40 * i, 90, 160))
+    for command in _readme_block("own-data-commands").strip().splitlines():
+        argv = shlex.split(command)
+        assert argv[0] == "python"
+        r = subprocess.run([sys.executable, os.path.join(ROOT, argv[1]), *argv[2:]],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (command, r.stderr[-2000:])
