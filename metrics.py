@@ -18,12 +18,12 @@ from captioning.scoring import (METRIC_NAMES, TABLE_METRICS, compute_caption_met
 from captioning.sources import references_by_image_id
 
 
-def load_results_and_references(predictions_path, annotations_path):
+def load_results_and_references(predictions_path, annotations_path, caption_column=None):
     """A COCO results file ([{image_id, caption}]) and the references (COCO captions json,
     Karpathy json, or imagefolder metadata.jsonl/.csv) -> two lists."""
     with open(predictions_path, encoding="utf-8") as f:
         results = json.load(f)
-    refs = references_by_image_id(annotations_path)
+    refs = references_by_image_id(annotations_path, caption_column)
     ids = [r["image_id"] for r in results]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -49,10 +49,14 @@ def main(argv=None):
                              "captions_val2014.json), a Karpathy split JSON, an imagefolder "
                              "metadata.jsonl / metadata.csv, or train.py's "
                              "test_predictions.json")
+    parser.add_argument("--caption_column", default=None,
+                        help="with a metadata.jsonl/.csv: the caption column (default: the first "
+                             "of caption, captions, text, sentences)")
     parser.add_argument("--out", default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
     try:
-        predictions, references = load_results_and_references(args.predictions, args.annotations)
+        predictions, references = load_results_and_references(args.predictions, args.annotations,
+                                                              args.caption_column)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return error_exit("metrics.py", e)
     scores = compute_caption_metrics(predictions, references)

@@ -275,7 +275,7 @@ def main(argv=None):
     tokenizer, processor = load_tokenizer(args.data_path), load_image_processor(args.data_path)
     try:
         model = make_model(args, manifest, tokenizer, precision, is_main)
-    except (ValueError, OSError) as e:  # an --init_from that is missing or doesn't fit
+    except (ValueError, OSError, RuntimeError) as e:  # an --init_from missing, broken or unfit
         return error_exit("train.py", e)
     splits = load_splits(args)
     run_dir = tensorboard_dir(args, resume_from)

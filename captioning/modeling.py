@@ -197,26 +197,36 @@ def upcast_decoder_attention(model):
 
 def fill_generation_ids(model, tokenizer):
     """Published captioners (nlpconnect/vit-gpt2-image-captioning, say) keep their token ids
-    in config.json and may have no generation_config.json: fill what generate needs."""
+    in config.json and may have no generation_config.json, or the other way round: fill
+    what generate and the training loss need in both, from the other or the tokenizer."""
     gen, config = model.generation_config, model.config
     for name, fallback in (("decoder_start_token_id", tokenizer.bos_token_id),
                            ("eos_token_id", tokenizer.eos_token_id),
                            ("pad_token_id", tokenizer.pad_token_id)):
-        if getattr(gen, name, None) is None:
-            value = getattr(config, name, None)
-            setattr(gen, name, value if value is not None else fallback)
+        value = next((v for v in (getattr(gen, name, None), getattr(config, name, None),
+                                  fallback) if v is not None), None)
+        setattr(gen, name, value)
+        setattr(config, name, value)
     return model
 
 
 def check_init_model(model, manifest, tokenizer, source):
-    """Refuse, in one line, a model whose tokenizer or image size don't fit the data."""
+    """Refuse, in one line, a model whose tokenizer or image size don't fit the data: the
+    same vocabulary (token for token, where the model folder has its tokenizer), and the
+    same input size."""
     vocab = model.config.decoder.vocab_size
     image = model.config.encoder.image_size
+    hint = f"prepare the data with dataloader.py --from_model {source}"
     if vocab != len(tokenizer):
         raise ValueError(f"--init_from {source} has a {vocab}-token vocabulary, the data's "
-                         f"tokenizer {len(tokenizer)}: prepare the data with dataloader.py "
-                         f"--from_model {source}")
+                         f"tokenizer {len(tokenizer)}: {hint}")
+    try:
+        own = load_tokenizer(source)
+    except (OSError, ValueError):
+        own = None  # weights only: the size check above is all there is
+    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--init_from {source} has another vocabulary than the data's "
+                         f"tokenizer (same size, different tokens): {hint}")
     if [image, image] != list(manifest["image_size"]):
         raise ValueError(f"--init_from {source} takes {image} px images, the data was prepared "
-                         f"at {manifest['image_size'][0]} px: prepare it with --from_model "
-                         f"{source}")
+                         f"at {manifest['image_size'][0]} px: {hint}")

@@ -12,6 +12,10 @@ import json
 import os
 
 COCO_BASE_URL = "http://images.cocodataset.org"
+
+
+class SourceError(ValueError):
+    """Caption data that cannot be read; the message is one line naming the problem."""
 COCO_FOLDERS = ("train2014", "val2014")
 
 
@@ -53,16 +57,19 @@ def read_coco_split(coco_dir, folder, base_url=COCO_BASE_URL):
     return [e for e in entries if e["captions"]]
 
 
-KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "validation",
+                   "validation": "validation", "dev": "validation", "test": "test"}
 
 
-def read_karpathy(source, image_root, base_url=COCO_BASE_URL):
+def read_karpathy(source, image_root, base_url=COCO_BASE_URL, counts=None):
     """Karpathy's split file -> {split: entries}: dataset_coco.json (filepath + filename under
     a COCO root), dataset_flickr8k.json / dataset_flickr30k.json (filename only, under
     image_root), or a parquet file / Hub dataset with the same columns. restval goes to train,
-    as in every codebase that uses this split. image_id is cocoid, else imgid."""
+    as in every codebase that uses this split. image_id is cocoid, else imgid. With a
+    `counts` dict, images missing from disk and empty captions are skipped and counted
+    there (for local images; --download fetches COCO's later)."""
     if source.endswith(".json"):
-        with open(source, encoding="utf-8") as f:
+        with open(source, encoding="utf-8-sig") as f:
             rows = json.load(f)["images"]
     else:
         from datasets import concatenate_datasets, load_dataset
@@ -77,8 +84,19 @@ def read_karpathy(source, image_root, base_url=COCO_BASE_URL):
         folder = row.get("filepath") or ""
         entry = make_entry(image_id, folder, row["filename"], sentences, image_root, base_url,
                            url=row.get("url") if base_url == COCO_BASE_URL else None)
+        split = KARPATHY_SPLITS.get(str(row["split"]).lower())
+        if split is None:
+            raise SourceError(f"{source}: split '{row['split']}' of {row['filename']} is none "
+                              f"of {', '.join(KARPATHY_SPLITS)}")
+        if counts is not None:
+            counts["empty_caption"] += len(sentences) - len(entry["captions"])
+            if not os.path.isfile(entry["path"]):
+                counts["missing_image"] += 1
+                continue
+            if not entry["captions"]:
+                counts["no_caption"] += 1
         if entry["captions"]:
-            splits[KARPATHY_SPLITS[row["split"]]].append(entry)
+            splits[split].append(entry)
     for entries in splits.values():
         entries.sort(key=lambda e: e["image_id"])
     return splits
@@ -86,13 +104,9 @@ def read_karpathy(source, image_root, base_url=COCO_BASE_URL):
 
 # ----------------------------------------------------------------------------- your own data
 
-class SourceError(ValueError):
-    """Caption data that cannot be read; the message is one line naming the problem."""
-
-
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentences")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation",
-               "valid": "validation", "test": "test"}
+               "valid": "validation", "dev": "validation", "test": "test"}
 
 
 def pick_caption_column(columns, wanted, where):
@@ -127,47 +141,60 @@ def as_caption_list(value):
     return [c for item in value for c in as_caption_list(item)]
 
 
-def read_metadata_rows(image_dir):
-    """DIR/metadata.jsonl or DIR/metadata.csv -> (rows as dicts, the file's name)."""
-    import csv
-
-    jsonl, csv_path = (os.path.join(image_dir, f"metadata.{ext}") for ext in ("jsonl", "csv"))
-    if os.path.isfile(jsonl):
-        rows = []
-        with open(jsonl, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError as e:
-                        raise SourceError(f"{jsonl} line {number} is not JSON: {e}") from None
-        return rows, jsonl
-    if os.path.isfile(csv_path):
-        rows = []
-        with open(csv_path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, strict=True)
-            try:
-                for row in reader:
-                    if None in row or any(v is None for v in row.values()):
-                        raise SourceError(f"{csv_path} line {reader.line_num}: not the "
-                                          f"{len(reader.fieldnames)} fields of the header")
-                    rows.append(row)
-            except csv.Error as e:
-                raise SourceError(f"{csv_path} line {reader.line_num}: {e}") from None
-        return rows, csv_path
+def find_metadata(image_dir):
+    """DIR/metadata.jsonl, else DIR/metadata.csv, else SourceError."""
+    for name in ("metadata.jsonl", "metadata.csv"):
+        if os.path.isfile(os.path.join(image_dir, name)):
+            return os.path.join(image_dir, name)
     raise SourceError(f"{image_dir} has no metadata.jsonl or metadata.csv (a file_name column "
                       f"and a caption column, as Hugging Face's imagefolder reads)")
 
 
-def group_rows(rows, key, caption_column, where, counts):
-    """Rows naming images (several may name the same one) -> {key: {"captions", "split"}}
-    in first-seen order, empty captions skipped and counted."""
+def read_metadata_file(path):
+    """A metadata.jsonl or .csv -> rows as dicts. UTF-8, with or without a byte-order mark
+    (Excel's "CSV UTF-8" writes one); any problem is a SourceError naming the line."""
+    import csv
+
+    rows = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if path.endswith(".jsonl"):
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except ValueError as e:
+                            raise SourceError(f"{path} line {number} is not JSON: {e}") from None
+                        if not isinstance(rows[-1], dict):
+                            raise SourceError(f"{path} line {number} is not a JSON object")
+                return rows
+            reader = csv.DictReader(f, strict=True)
+            try:
+                for row in reader:
+                    if None in row or any(v is None for v in row.values()):
+                        raise SourceError(f"{path} line {reader.line_num}: not the "
+                                          f"{len(reader.fieldnames)} fields of the header")
+                    rows.append(row)
+            except csv.Error as e:
+                raise SourceError(f"{path} line {reader.line_num}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    return rows
+
+
+def group_rows(rows, caption_column, where, counts):
+    """Rows naming images by file_name (several may name the same one, ./a.jpg and a.jpg
+    are one) -> {normalised file_name: {"captions", "split"}}, empty captions skipped and
+    counted."""
     grouped = {}
-    for row in rows:
-        name = row[key]
+    for number, row in enumerate(rows, 1):
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            raise SourceError(f"{where}: row {number} has no file_name text: {row}")
+        name = os.path.normpath(name.strip()).replace(os.sep, "/")
         item = grouped.setdefault(name, {"captions": [], "split": None})
         for caption in as_caption_list(row.get(caption_column)):
-            if normalize_caption(caption):
+            if isinstance(caption, str) and normalize_caption(caption):
                 item["captions"].append(caption)
             else:
                 counts["empty_caption"] += 1
@@ -175,22 +202,28 @@ def group_rows(rows, key, caption_column, where, counts):
         if split not in (None, ""):
             if str(split).lower() not in SPLIT_NAMES:
                 raise SourceError(f"{where}: split '{split}' for {name} is none of "
-                                  f"train, validation (val), test")
+                                  f"{', '.join(sorted(SPLIT_NAMES))}")
             item["split"] = SPLIT_NAMES[str(split).lower()]
     return grouped
 
 
+def read_grouped_metadata(path, caption_column, counts):
+    rows = read_metadata_file(path)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    if "file_name" not in columns:
+        raise SourceError(f"{path} has no file_name column (its columns: "
+                          f"{', '.join(columns) or 'none'})")
+    column = pick_caption_column(columns, caption_column, path)
+    return group_rows(rows, column, path, counts)
+
+
 def read_imagefolder(image_dir, caption_column=None):
     """A folder of images with metadata.jsonl/.csv -> (entries, has_split, counts).
-    image_id is the image's position in the sorted list of file names."""
-    rows, where = read_metadata_rows(image_dir)
-    columns = list(rows[0]) if rows else []
-    if "file_name" not in columns:
-        raise SourceError(f"{where} has no file_name column (its columns: "
-                          f"{', '.join(columns) or 'none'})")
-    column = pick_caption_column(columns, caption_column, where)
+    image_id is the position of the image's file_name among all names the metadata lists,
+    sorted (metrics.py numbers them the same way). With a split column, rows without a value
+    train."""
     counts = {"missing_image": 0, "empty_caption": 0, "no_caption": 0}
-    grouped = group_rows(rows, "file_name", column, where, counts)
+    grouped = read_grouped_metadata(find_metadata(image_dir), caption_column, counts)
     entries, has_split = [], any(item["split"] for item in grouped.values())
     for image_id, name in enumerate(sorted(grouped)):
         item, path = grouped[name], os.path.join(image_dir, name)
@@ -240,7 +273,11 @@ def read_hub(name_or_path, image_column=None, caption_column=None):
         raise SourceError(f"{name_or_path} has no column '{image_column}' (its columns: "
                           f"{', '.join(first.column_names)})")
     column = pick_caption_column(first.column_names, caption_column, name_or_path)
-    has_split = len(parts) > 1 and all(k.lower() in SPLIT_NAMES for k in parts)
+    unknown = [k for k in parts if k.lower() not in SPLIT_NAMES]
+    if unknown and len(parts) > 1:
+        raise SourceError(f"{name_or_path}: splits {', '.join(unknown)} are none of "
+                          f"{', '.join(sorted(SPLIT_NAMES))}")
+    has_split = len(parts) > 1
     counts = {"missing_image": 0, "empty_caption": 0, "no_caption": 0}
     entries, undecoded = [], {}
     for part, ds in parts.items():
@@ -268,8 +305,8 @@ def load_hub_images(wave, *, hub, counts):
         by_part.setdefault(entry["hub"][0], []).append(entry)
     for part, entries in by_part.items():
         cells = undecoded[part][[e["hub"][1] for e in entries]][column]
-        for entry, cell in zip(entries, cells):
-            entry["data"] = cell.get("bytes") or cell.get("path")
+        for entry, cell in zip(entries, cells):  # a null image decodes as unreadable
+            entry["data"] = (cell.get("bytes") or cell.get("path")) if cell else b""
 
 
 def references_by_image_id(path, caption_column=None):
@@ -278,12 +315,8 @@ def references_by_image_id(path, caption_column=None):
     test_predictions.json (its references, for any source), or an imagefolder
     metadata.jsonl/.csv (image_id = the position of file_name in sorted order, as
     read_imagefolder numbers them)."""
-    if os.path.basename(path) in ("metadata.jsonl", "metadata.csv"):
-        rows, where = read_metadata_rows(os.path.dirname(path) or ".")
-        columns = list(rows[0]) if rows else []
-        column = pick_caption_column(columns, caption_column, where)
-        grouped = group_rows(rows, "file_name", column, where,
-                             {"empty_caption": 0})
+    if path.endswith((".jsonl", ".csv")):
+        grouped = read_grouped_metadata(path, caption_column, {"empty_caption": 0})
         return {i: [normalize_caption(c) for c in grouped[name]["captions"]]
                 for i, name in enumerate(sorted(grouped))}
     with open(path, encoding="utf-8") as f:

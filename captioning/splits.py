@@ -49,9 +49,23 @@ def by_split(entries):
 
 
 def plan_splits(args, splits):
-    """Sources that name each image's split -> (train entries, plan)."""
+    """Sources that name each image's split -> (train entries, plan). Validation and test
+    candidates are shuffled with the seed (so --val_size takes a random sample, not the first
+    names); a split the data lacks (a train/test-only set, say) is carved from train."""
+    rng = random.Random(args.seed)
+    for split in ("validation", "test"):
+        rng.shuffle(splits[split])
+        if not splits[split]:
+            rng.shuffle(splits["train"])
+            n = getattr(args, "val_size" if split == "validation" else "test_size") \
+                or max(1, round(0.1 * len(splits["train"])))
+            if n >= len(splits["train"]):
+                raise ValueError(f"the data has no {split} split and too few training images "
+                                 f"to hold {n} out")
+            note(f"the data has no {split} split: holding {n} training images out for it")
+            splits[split], splits["train"] = splits["train"][:n], splits["train"][n:]
     train = splits["train"]
-    random.Random(args.seed).shuffle(train)
+    rng.shuffle(train)
     wanted = fit_sizes({s: len(v) for s, v in splits.items()}, args.limit_data, args.val_size,
                        args.test_size)
     return train, [("train", iter(train), wanted["train"]),
@@ -92,9 +106,11 @@ def select_candidates(args, client=None):
         train, plan = (plan_splits(args, by_split(entries)) if has_split
                        else plan_seeded_split(args, entries))
     elif args.source == "karpathy" or args.split == "karpathy":
-        root = args.image_dir if args.source == "karpathy" else args.coco_dir
-        base = "" if args.source == "karpathy" else args.coco_base_url
-        train, plan = plan_splits(args, read_karpathy(args.karpathy_json, root, base))
+        own = args.source == "karpathy"  # Flickr-style: local images, skips counted
+        skipped = {"missing_image": 0, "empty_caption": 0, "no_caption": 0} if own else {}
+        splits = read_karpathy(args.karpathy_json, args.image_dir if own else args.coco_dir,
+                               "" if own else args.coco_base_url, skipped if own else None)
+        train, plan = plan_splits(args, splits)
     else:
         if args.download:
             fetch_annotations(args.coco_dir, args.coco_base_url, client, args.retries,

@@ -292,7 +292,8 @@ class CaptionTrainer(Seq2SeqTrainer):
     def _load_best_model(self):
         # The same strict load for the best checkpoint. Under torchrun only rank 0 writes
         # checkpoints: wait until the last one is on disk before any process reads it.
-        # Guarded by tests/test_train.py::test_final_model_is_the_best_checkpoint.
+        # Guarded by tests/test_model.py::test_best_model_load_restores_every_tensor_of_the_
+        # best_checkpoint.
         self.accelerator.wait_for_everyone()
         load_model_strict(self.state.best_model_checkpoint,
                           into=self.accelerator.unwrap_model(self.model))

@@ -223,3 +223,25 @@ def test_a_maximal_training_caption_fits_through_generate(tiny):
                          logits_processor=LogitsProcessorList([Force()]))
     assert out[0, 1:].tolist() == ids  # every token, EOS last
     assert decode_captions(out, tiny.tokenizer) == [tiny.tokenizer.decode(ids[:-1]).strip()]
+
+
+def test_best_model_load_restores_every_tensor_of_the_best_checkpoint(tiny, tmp_path):
+    """CaptionTrainer._load_best_model on a checkpoint whose weights all differ from the
+    model in memory: afterwards every tensor equals the checkpoint's (Trainer's own loader
+    misses the renamed ViT tensors)."""
+    from transformers import Seq2SeqTrainingArguments
+
+    from captioning.trainer import CaptionTrainer
+
+    best = tiny.model(seed=1)
+    best.save_pretrained(tmp_path / "checkpoint-7")
+    model = tiny.model(seed=2)
+    trainer = CaptionTrainer(model=model, args=Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True), eval_collator=None,
+        score=None)
+    trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-7")
+    want = best.state_dict()
+    assert any(not torch.equal(want[k], v) for k, v in model.state_dict().items())
+    trainer._load_best_model()
+    got = model.state_dict()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
