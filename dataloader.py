@@ -1,13 +1,16 @@
-"""Prepare COCO-format captioning data for train.py.
+"""Prepare captioning data (COCO 2014, or your own) for train.py.
 
-    python dataloader.py --source shapes --save_path ./processed_data \
-        --encoder_model tiny --decoder_model tiny                       # built-in, offline
+    python dataloader.py --source shapes --limit_data 400                 # built-in, offline
     python dataloader.py --coco_dir ./coco --limit_data 2000 --save_path ./processed_data
     python dataloader.py --download --coco_dir ./coco --limit_data 2000   # fetch what's needed
     python dataloader.py --split karpathy --karpathy_json dataset_coco.json --coco_dir ./coco
+    python dataloader.py --source folder --image_dir ./my_images          # metadata.jsonl/.csv
+    python dataloader.py --source karpathy --karpathy_json dataset_flickr8k.json --image_dir ./Flicker8k_Dataset
+    python dataloader.py --source hub --dataset ./captions.parquet
 
 Reads COCO 2014 in its official layout (annotations/captions_{train,val}2014.json,
-train2014/*.jpg, val2014/*.jpg), keeps only RGB images (grayscale and CMYK ones are dropped,
+train2014/*.jpg, val2014/*.jpg), or any caption set captioning/sources.py reads, into the same
+entry list; keeps only RGB images (grayscale and CMYK ones are dropped,
 or converted with --convert_grayscale; unreadable files are skipped and counted), and writes
 one row per image:
 
