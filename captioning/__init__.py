@@ -3,7 +3,8 @@
     cli          argparse help formatter, argument types, one-line error exits, runtime set-up
     images       file or bytes -> RGB -> uint8 at the encoder's size -> normalised tensor
     fetch        the HTTP client (images by URL, COCO files)
-    sources      caption sets (COCO, Karpathy, imagefolder, Hub datasets) -> one entry list
+    sources      caption sets (COCO, Karpathy, imagefolder) -> one entry list
+    hub          a Hugging Face dataset as a caption source, read a wave at a time
     splits       which candidates go to which split, and how many
     shapes       the built-in synthetic set, written in the COCO 2014 layout
     coco_download  --download: COCO's annotations archive and only the selected images

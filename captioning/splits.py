@@ -9,8 +9,8 @@ import random
 import sys
 
 from .coco_download import fetch_annotations, fetch_missing
-from .sources import (load_hub_images, read_coco_split, read_hub, read_imagefolder,
-                      read_karpathy)
+from .hub import load_hub_images, read_hub
+from .sources import read_coco_split, read_imagefolder, read_karpathy
 
 
 def note(message):
