@@ -179,11 +179,3 @@ def _reason(error):
     if "IncompleteRead" in text or "bytes read" in text:
         return "the server closed the connection early"
     return text.splitlines()[0][:200]
-
-
-def fetch_url(url, timeout, max_bytes, client=None):
-    """One GET -> bytes, through `client` or a one-off one."""
-    if client is not None:
-        return client.get_bytes(url, max_bytes)
-    with Client(pool_size=1, timeout=timeout) as one_off:
-        return one_off.get_bytes(url, max_bytes)

@@ -112,13 +112,13 @@ def arrow_table(batch, caption_ids, features):
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
-def write_split(rows, out_dir, features, tokenize, progress, shard_images=None):
-    """Stream (entry, pixels) rows into arrow shards of `shard_images` images each.
+def write_split(rows, out_dir, features, tokenize, progress):
+    """Stream (entry, pixels) rows into arrow shards of SHARD_IMAGES images each.
     `tokenize(captions) -> ids` tokenises a chunk's captions in one call.
     -> (images written, captions written)."""
     from datasets.arrow_writer import ArrowWriter
 
-    shard_images = shard_images or SHARD_IMAGES
+    shard_images = SHARD_IMAGES  # read at call time: tests shrink it
     chunk = min(WRITE_CHUNK, shard_images)
     assert shard_images % chunk == 0, "a write must never straddle two shards"
     os.makedirs(out_dir, exist_ok=True)
