@@ -40,7 +40,7 @@ def size_limit_message(max_bytes):
 
 
 def is_url(source):
-    """scheme://... (http, https, or one fetch_url will refuse by name)."""
+    """scheme://... (http, https, or one the Client will refuse by name)."""
     return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source) is not None
 
 
