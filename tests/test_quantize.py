@@ -140,3 +140,60 @@ def test_auto_mode_meets_the_quality_bar(demo_style):
     same, ratio, _ = quality[CPU_AUTO] if CPU_AUTO != "fp32" else (1.0, 1.0, 0)
     assert same >= 0.95
     assert abs(ratio - 1) <= 0.02
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny, tmp_path_factory):
+    """The fast tier's tiny model (random weights), saved the way train.py saves one."""
+    d = str(tmp_path_factory.mktemp("tiny_model"))
+    tiny.model().save_pretrained(d)
+    tiny.tokenizer.save_pretrained(d)
+    tiny.processor.save_pretrained(d)
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path, precision):
+    """40 inputs, 3 of them bad: torchrun --nproc_per_node 2 prints the same stdout and
+    writes the same --json and --coco_results as one process; each bad input is reported
+    once. --batch_size 1 under int8: dynamic quantization scales activations per batch, so a
+    caption can depend on the other images of its batch (README)."""
+    import subprocess
+
+    from PIL import Image
+
+    from conftest import ROOT, free_port
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(37):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), np.uint8)).save(
+            d / f"COCO_val2014_{i:012d}.jpg")
+    bad = [d / "COCO_val2014_000000000100.jpg", d / "COCO_val2014_000000000200.jpg",
+           d / "COCO_val2014_000000000300.jpg"]
+    bad[0].write_bytes(b"")
+    bad[1].write_bytes(b"not an image at all")
+    bad[2].write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    batch = "1" if precision == "auto" else "6"
+    outputs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        out.mkdir()
+        cmd = [os.path.join(ROOT, "inference.py"), "--model_path", tiny_model_dir,
+               "--image_path", str(d), "--max_new_tokens", "6", "--num_beams", "2",
+               "--batch_size", batch, "--precision", precision, "--workers", "2",
+               "--json", str(out / "c.json"), "--coco_results", str(out / "r.json")]
+        if nproc > 1:
+            cmd = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), *cmd]
+        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert r.returncode == 1, r.stderr[-2000:]  # some inputs failed
+        outputs[nproc] = (r.stdout, (out / "c.json").read_text(), (out / "r.json").read_text())
+        for path in bad:
+            assert r.stderr.count(f"{path}:") == 1, r.stderr[-2000:]
+        assert r.stderr.count("precision") == 1  # the choice, printed once
+    assert len(outputs[1][0].splitlines()) == 37
+    assert outputs[2] == outputs[1]
