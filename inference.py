@@ -74,13 +74,13 @@ def parse_args(argv):
                    help="where the model runs (auto: cuda, then mps, then cpu)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                    help="fp32: the model as trained, the reference. int8 (CPU only): every "
-                        "linear layer dynamically quantized; on the tiny test model >= 95%% of "
-                        "captions identical to fp32's, CIDEr within 2%% (tested), faster on a "
-                        "CPU (README, bench/cpu.py). bf16: weights in bfloat16; on a GPU about "
-                        "fp32's captions, on a CPU without native bf16 much slower than fp32 "
-                        "and its quality is measured in bench/cpu.py. auto: on a GPU bf16 "
+                        "linear layer dynamically quantized; faster on a CPU (bench/cpu.py), "
+                        "quality against fp32 not yet measured (the bar: >= 95%% identical "
+                        "captions, CIDEr within 2%%; tests/test_quantize.py). bf16: weights in bfloat16; quality not measured; on this "
+                        "CPU (no native bf16) 2-4x slower than fp32 in a one-image probe"
+                        " (not bench/cpu.py). auto: on a GPU bf16 "
                         "(compute capability 8.0+) or fp16 (older, attention upcast), as "
-                        "training picks; on a CPU the fastest mode that meets the quality bar; "
+                        "training picks; on a CPU the fastest mode shown to meet that bar (fp32 for now); "
                         "fp32 on mps. The choice and why are printed at start (stderr)")
     p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds allowed for connecting and for each read of a URL")

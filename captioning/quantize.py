@@ -17,9 +17,11 @@ INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # test captions identical to fp32's and test CIDEr within 2%) on the demo-style tiny model.
 # Set from bench/cpu.py and tests/test_quantize.py::test_auto_mode_meets_the_quality_bar,
 # which fails if this mode stops meeting the bar.
-CPU_AUTO = "int8"
-CPU_AUTO_REASON = ("int8 is the fastest CPU mode in bench/cpu.py (full-size ViT-B/16 + GPT-2) "
-                   "and keeps the captions of fp32 on the tiny test model")
+# int8 was the fastest mode in a 1-image smoke run of bench/cpu.py, but its quality run did
+# not finish in this session, so auto stays fp32 until that test passes with CPU_AUTO = "int8".
+CPU_AUTO = "fp32"
+CPU_AUTO_REASON = ("on a CPU auto stays fp32 until int8 (faster in bench/cpu.py) has been shown "
+                   "to meet the quality bar; pass --precision int8 to use it")
 
 
 def resolve_precision(requested, device_type, capability=None):

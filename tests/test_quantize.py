@@ -98,7 +98,7 @@ def demo_style(tmp_path_factory):
     base = tmp_path_factory.mktemp("demo_style")
     data, model = str(base / "data"), str(base / "model")
     assert dataloader.main(["--source", "shapes", "--coco_dir", str(base / "coco"),
-                            "--shapes_train", "400", "--shapes_val", "120",
+                            "--shapes_train", "400", "--shapes_val", "140",
                             "--save_path", data, "--encoder_model", "tiny",
                             "--decoder_model", "tiny", "--val_size", "20", "--test_size",
                             "100", "--quiet"]) == 0
