@@ -72,6 +72,16 @@ def parse_args(argv):
     p.add_argument("--batch_size", type=positive_int, default=16, help="images per generate call")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="where the model runs (auto: cuda, then mps, then cpu)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="fp32: the model as trained, the reference. int8 (CPU only): every "
+                        "linear layer dynamically quantized; faster on a CPU (bench/cpu.py), "
+                        "quality against fp32 not yet measured (the bar: >= 95%% identical "
+                        "captions, CIDEr within 2%%; tests/test_quantize.py). bf16: weights in bfloat16; quality not measured; on this "
+                        "CPU (no native bf16) 2-4x slower than fp32 in a one-image probe"
+                        " (not bench/cpu.py). auto: on a GPU bf16 "
+                        "(compute capability 8.0+) or fp16 (older, attention upcast), as "
+                        "training picks; on a CPU the fastest mode shown to meet that bar (fp32 for now); "
+                        "fp32 on mps. The choice and why are printed at start (stderr)")
     p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds allowed for connecting and for each read of a URL")
     p.add_argument("--max_download_mb", type=positive_float, default=DEFAULT_MAX_DOWNLOAD_MB,
@@ -124,9 +134,26 @@ def main(argv=None):
     from captioning.captioner import caption_sources, load_captioner
     from captioning.cli import quiet_transformers
 
+    from captioning.devices import cuda_capability, pick_device, shard_range
+    from captioning.quantize import resolve_precision
+
     quiet_transformers()
+    device = pick_device(args.device)
     try:
-        model, tokenizer, processor = load_captioner(args.model_path, args.device)
+        precision, reason = resolve_precision(args.precision, device.split(":")[0],
+                                              cuda_capability())
+    except ValueError as e:
+        return error_exit("inference.py", e)
+    rank, world = start_processes(device)
+    if rank == 0:
+        print(f"inference.py: precision {precision} ({reason})", file=sys.stderr)
+    # Under a launcher each process captions its own contiguous shard; rank 0 writes the
+    # whole result in input order.
+    all_sources = sources
+    start, end = shard_range(len(sources), rank, world)
+    sources = sources[start:end]
+    try:
+        model, tokenizer, processor = load_captioner(args.model_path, device, precision)
     except (OSError, ValueError) as e:
         return error_exit("inference.py", f"cannot load model from {args.model_path}: "
                                           f"{str(e).strip() or type(e).__name__}")
@@ -134,21 +161,56 @@ def main(argv=None):
                        ("num_beams", "max_new_tokens", "no_repeat_ngram_size", "length_penalty")
                        if getattr(args, k) is not None}
     done, failed = [], 0
-    bar = tqdm(total=len(sources), unit="img", file=sys.stderr, disable=len(sources) <= 4)
+    single = len(all_sources) == 1
+    bar = tqdm(total=len(sources), unit="img", file=sys.stderr,
+               disable=len(all_sources) <= 4 or rank != 0)
     for source, caption, error in caption_sources(
             sources, model, tokenizer, processor, batch_size=args.batch_size,
             workers=args.workers, timeout=args.timeout,
             max_bytes=int(args.max_download_mb * 2**20), **generate_kwargs):
-        if error is not None:
+        if error is not None:  # reported once, by the process that met it
             bar.write(f"{source}: {error}", file=sys.stderr)  # above the bar, never inside
             failed += 1
         else:
-            bar.write(caption if len(sources) == 1 else f"{source}\t{caption}", file=sys.stdout)
+            if world == 1:  # one process streams; several print once all shards are in
+                bar.write(caption if single else f"{source}\t{caption}", file=sys.stdout)
             done.append((source, caption))
         bar.update(1)
     bar.close()
-    write_outputs(args, done)
+    if world > 1:
+        done, failed = gather_shards(done, failed, world)
+        if rank == 0:
+            for source, caption in done:
+                print(caption if single else f"{source}\t{caption}")
+    if rank == 0:
+        write_outputs(args, done)
     return 1 if failed else 0
+
+
+def start_processes(device):
+    """(rank, world size): (0, 1) alone; under torchrun (WORLD_SIZE > 1) the process group
+    is started, gloo on a CPU, nccl on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+def gather_shards(done, failed, world):
+    """Every process's (captions, failure count) -> all captions in rank order (= input order,
+    the shards being contiguous) and the total failures, on every process."""
+    import torch.distributed as dist
+
+    shards = [None] * world
+    dist.all_gather_object(shards, (done, failed))
+    dist.destroy_process_group()
+    return [item for shard, _ in shards for item in shard], sum(n for _, n in shards)
 
 
 if __name__ == "__main__":

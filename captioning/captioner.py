@@ -13,8 +13,8 @@ import numpy as np
 from .devices import pick_device
 from .fetch import DEFAULT_MAX_DOWNLOAD_MB, Client, FetchError, is_url, looks_like_html
 from .images import load_uint8, normalize_pixels, processor_resample, processor_size
+from .quantize import apply_precision
 from .modeling import decode_captions, fill_generation_ids, load_image_processor, load_tokenizer
-
 
 
 class InputError(Exception):
@@ -74,11 +74,14 @@ def iter_loaded(sources, pool, ahead, load, *load_args):
             yield source, e
 
 
-def load_captioner(model_path, device="auto"):
-    """A VisionEncoderDecoderModel directory or Hub id -> (model, tokenizer, processor)."""
+def load_captioner(model_path, device="auto", precision="fp32"):
+    """A VisionEncoderDecoderModel directory or Hub id -> (model, tokenizer, processor), the
+    model in `precision` (a mode resolved by quantize.resolve_precision: fp32, bf16, fp16,
+    int8)."""
     from transformers import VisionEncoderDecoderModel
 
     model = VisionEncoderDecoderModel.from_pretrained(model_path).to(pick_device(device)).eval()
+    model = apply_precision(model, precision)
     tokenizer = load_tokenizer(model_path)
     return fill_generation_ids(model, tokenizer), tokenizer, load_image_processor(model_path)
 
@@ -87,7 +90,9 @@ def caption_pixels(uint8_batch, model, tokenizer, processor, **generate_kwargs):
     """uint8 (B, 3, H, W) at the encoder's size -> captions, one generate call."""
     import torch
 
-    pixels = normalize_pixels(uint8_batch, processor).to(model.device)
+    # In the model's own float type: bf16 and fp16 models take bf16/fp16 pixels; an int8
+    # model keeps fp32 activations.
+    pixels = normalize_pixels(uint8_batch, processor).to(model.device, model.dtype)
     with torch.inference_mode():
         out = model.generate(pixel_values=pixels, **generate_kwargs)
     return decode_captions(out, tokenizer)

@@ -1,4 +1,5 @@
-"""Where the model runs and in which precision: one choice for training and captioning."""
+"""Where the model runs and in which precision: one choice for training and captioning; which
+contiguous share of the work each process of a launcher takes."""
 
 
 def pick_device(device="auto"):
@@ -12,6 +13,13 @@ def pick_device(device="auto"):
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def shard_range(n, rank, world):
+    """Contiguous [start, end) of n items for process `rank` of `world`: every item exactly
+    once, in order when the shards are concatenated by rank."""
+    per = -(-n // world)
+    return min(n, rank * per), min(n, (rank + 1) * per)
 
 
 def cuda_capability():

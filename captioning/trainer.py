@@ -18,6 +18,7 @@ import time
 import numpy as np
 from transformers import Seq2SeqTrainer
 
+from .devices import shard_range
 from .images import normalize_pixels
 from .modeling import decode_captions, load_model_strict
 
@@ -122,13 +123,6 @@ def token_loss_sum(model, batch, config):
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((labels != -100).sum())
-
-
-def shard_range(n, rank, world):
-    """Contiguous [start, end) of n items for process `rank` of `world`: every item exactly
-    once, in order when the shards are concatenated by rank."""
-    per = -(-n // world)
-    return min(n, rank * per), min(n, (rank + 1) * per)
 
 
 class NonFiniteLossError(RuntimeError):

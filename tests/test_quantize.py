@@ -1,0 +1,199 @@
+"""Inference precision: Conv1D -> Linear, int8 dynamic quantization, bf16, the mode auto
+picks, and (slow) the quality bar on a briefly trained demo-style tiny model."""
+
+import copy
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from captioning.captioner import caption_pixels
+from captioning.quantize import (CPU_AUTO, apply_precision, conv1d_to_linear, model_bytes,
+                                 quantize_int8, resolve_precision)
+
+
+def _batch(tiny, n=4):
+    return np.stack([r["pixel_values"] for r in tiny.rows[:n]])
+
+
+def test_conv1d_to_linear_is_equivalent_in_fp32(tiny):
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny.model().eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    ids = torch.tensor([[tiny.tokenizer.eos_token_id, 5, 9, 11]] * 2)
+    with torch.no_grad():
+        before = model(pixel_values=pixels, decoder_input_ids=ids).logits
+        converted = conv1d_to_linear(copy.deepcopy(model))
+        after = converted(pixel_values=pixels, decoder_input_ids=ids).logits
+    assert not any(isinstance(m, Conv1D) for m in converted.modules())
+    assert sum(isinstance(m, Conv1D) for m in model.modules()) > 0  # there was work to do
+    assert (after - before).abs().max().item() <= 1e-6
+
+
+def test_int8_round_trip_quantizes_both_halves_and_keeps_eos_handling(tiny):
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny.model().eval()
+    linears = {half: sum(isinstance(m, (torch.nn.Linear, Conv1D)) for m in
+                         getattr(model, half).modules()) for half in ("encoder", "decoder")}
+    pixels = _batch(tiny, 3)
+    # Make EOS a token the model really emits (the first one it generates for image 0), so
+    # that rows stop early and the padding after EOS is exercised.
+    probe = model.generate(pixel_values=torch.randn(1, 3, 64, 64), max_new_tokens=1,
+                           num_beams=1)
+    model.generation_config.eos_token_id = int(probe[0, -1])
+    kw = dict(max_new_tokens=6, num_beams=2)
+    from captioning.images import normalize_pixels
+    norm = normalize_pixels(pixels, tiny.processor)
+    with torch.inference_mode():
+        ref = model.generate(pixel_values=norm, **kw)
+    q = quantize_int8(copy.deepcopy(model))
+    for half, n in linears.items():
+        assert sum(isinstance(m, QLinear) for m in getattr(q, half).modules()) == n, half
+    assert not any(isinstance(m, Conv1D) for m in q.modules())
+    assert model_bytes(q) < 0.6 * model_bytes(model)
+    with torch.inference_mode():
+        out = q.generate(pixel_values=norm, **kw)
+    eos, pad = q.generation_config.eos_token_id, q.generation_config.pad_token_id
+    assert out.shape[0] == ref.shape[0] and out.shape[1] <= 1 + kw["max_new_tokens"]
+    for row in out.tolist():
+        body = row[1:]
+        if eos in body:  # after the first EOS only padding
+            assert all(t == pad for t in body[body.index(eos) + 1:])
+    captions = caption_pixels(pixels, q, tiny.tokenizer, tiny.processor, **kw)
+    assert len(captions) == len(pixels) and all(isinstance(c, str) for c in captions)
+
+
+def test_bf16_weights_caption(tiny):
+    model = apply_precision(tiny.model().eval(), "bf16")
+    assert model.dtype == torch.bfloat16
+    captions = caption_pixels(_batch(tiny, 2), model, tiny.tokenizer, tiny.processor,
+                              max_new_tokens=4)
+    assert len(captions) == 2
+
+
+def test_resolve_precision():
+    assert resolve_precision("auto", "cpu")[0] == CPU_AUTO
+    assert resolve_precision("auto", "cuda", (8, 0))[0] == "bf16"
+    assert resolve_precision("auto", "cuda", (7, 5))[0] == "fp16"
+    assert resolve_precision("auto", "mps")[0] == "fp32"
+    assert resolve_precision("bf16", "cpu")[0] == "bf16"
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_precision("int8", "cuda", (8, 0))
+
+
+# ----------------------------------------------------------------------------- slow tier
+
+@pytest.fixture(scope="module")
+def demo_style(tmp_path_factory):
+    """A demo-style tiny model (demo shapes and settings, fewer images and epochs), trained
+    well enough that its captions depend on the image: -> (model dir, data dir)."""
+    import dataloader
+    import train
+
+    base = tmp_path_factory.mktemp("demo_style")
+    data, model = str(base / "data"), str(base / "model")
+    assert dataloader.main(["--source", "shapes", "--coco_dir", str(base / "coco"),
+                            "--shapes_train", "400", "--shapes_val", "140",
+                            "--save_path", data, "--encoder_model", "tiny",
+                            "--decoder_model", "tiny", "--val_size", "20", "--test_size",
+                            "100", "--quiet"]) == 0
+    assert train.main(["--data_path", data, "--output_dir", model, "--epochs", "12",
+                       "--batch_size", "16", "--lr", "1e-3", "--warmup_steps", "20",
+                       "--max_eval_samples", "20", "--num_preview_images", "0",
+                       "--runs_dir", str(base / "runs"), "--quiet"]) == 0
+    return model, data
+
+
+def quality_against_fp32(model_dir, data_dir, modes):
+    """{mode: (share of test captions identical to fp32's, test CIDEr / fp32's test CIDEr)}."""
+    from captioning.captioner import load_captioner
+    from captioning.scoring import compute_caption_metrics
+    from captioning.store import load_split
+
+    test = load_split(data_dir, "test")
+    pixels = np.stack([r for r in test["pixel_values"]])
+    references = list(test["captions"])
+    captions, cider = {}, {}
+    for mode in ("fp32", *modes):
+        model, tokenizer, processor = load_captioner(model_dir, "cpu", mode)
+        captions[mode] = [c for first in range(0, len(pixels), 32) for c in caption_pixels(
+            pixels[first:first + 32], model, tokenizer, processor)]
+        cider[mode] = compute_caption_metrics(captions[mode], references)["cider"]
+    return {m: (float(np.mean([a == b for a, b in zip(captions[m], captions["fp32"])])),
+                cider[m] / cider["fp32"], cider[m]) for m in modes}
+
+
+@pytest.mark.slow
+def test_auto_mode_meets_the_quality_bar(demo_style):
+    """For every mode: identical-caption share and CIDEr ratio against fp32 (printed, for the
+    README); for the mode auto picks on a CPU the bar: >= 95% identical, CIDEr within 2%."""
+    model_dir, data_dir = demo_style
+    quality = quality_against_fp32(model_dir, data_dir, ["bf16", "int8"])
+    for mode, (same, ratio, cider) in quality.items():
+        print(f"\n{mode}: {same:.0%} of test captions identical to fp32's, CIDEr {cider:.3f} "
+              f"= {ratio:.3f}x fp32's", file=sys.stderr)
+    same, ratio, _ = quality[CPU_AUTO] if CPU_AUTO != "fp32" else (1.0, 1.0, 0)
+    assert same >= 0.95
+    assert abs(ratio - 1) <= 0.02
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny, tmp_path_factory):
+    """The fast tier's tiny model (random weights), saved the way train.py saves one."""
+    d = str(tmp_path_factory.mktemp("tiny_model"))
+    tiny.model().save_pretrained(d)
+    tiny.tokenizer.save_pretrained(d)
+    tiny.processor.save_pretrained(d)
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path, precision):
+    """40 inputs, 3 of them bad: torchrun --nproc_per_node 2 prints the same stdout and
+    writes the same --json and --coco_results as one process; each bad input is reported
+    once. --batch_size 1 under int8: dynamic quantization scales activations per batch, so a
+    caption can depend on the other images of its batch (README)."""
+    import subprocess
+
+    from PIL import Image
+
+    from conftest import ROOT, free_port
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(37):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), np.uint8)).save(
+            d / f"COCO_val2014_{i:012d}.jpg")
+    bad = [d / "COCO_val2014_000000000100.jpg", d / "COCO_val2014_000000000200.jpg",
+           d / "COCO_val2014_000000000300.jpg"]
+    bad[0].write_bytes(b"")
+    bad[1].write_bytes(b"not an image at all")
+    bad[2].write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    batch = "1" if precision == "auto" else "6"
+    outputs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        out.mkdir()
+        cmd = [os.path.join(ROOT, "inference.py"), "--model_path", tiny_model_dir,
+               "--image_path", str(d), "--max_new_tokens", "6", "--num_beams", "2",
+               "--batch_size", batch, "--precision", precision, "--workers", "2",
+               "--json", str(out / "c.json"), "--coco_results", str(out / "r.json")]
+        if nproc > 1:
+            cmd = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), *cmd]
+        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert r.returncode == 1, r.stderr[-2000:]  # some inputs failed
+        outputs[nproc] = (r.stdout, (out / "c.json").read_text(), (out / "r.json").read_text())
+        for path in bad:
+            assert r.stderr.count(f"{path}:") == 1, r.stderr[-2000:]
+        assert r.stderr.count("precision") == 1  # the choice, printed once
+    assert len(outputs[1][0].splitlines()) == 37
+    assert outputs[2] == outputs[1]
