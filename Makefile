@@ -1,13 +1,14 @@
 # make demo: install, then prepare -> train -> caption on the built-in shapes set (offline).
 # make test: install, then the whole test suite (offline), as CI runs it.
 # make rehearse: the real architectures (ViT-B/16 + GPT-2 124M, random weights) through every script.
+# make check-demo: make demo, then the checks that need its trained model (int8's quality bar).
 # make test-fast: the fast tier only (in-memory tiny models; no pipeline runs, servers or torchrun).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := data/demo
 
-.PHONY: demo test test-fast rehearse install clean
+.PHONY: demo check-demo test test-fast rehearse install clean
 
 install: $(VENV)/.installed
 
@@ -30,10 +31,13 @@ demo: install
 		print('test BLEU-4 %.4f  CIDEr %.3f  (from $(DEMO)/model/metrics.json)' % (m['bleu4'], m['cider']))"
 
 test: install
-	$(PY) -m pytest -q -m "not rehearsal" tests
+	$(PY) -m pytest -q -m "not rehearsal and not demo" tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not rehearsal" tests
+	$(PY) -m pytest -q -m "not slow and not rehearsal and not demo" tests
+
+check-demo: demo
+	$(PY) -m pytest -q -s -m demo tests
 
 rehearse: install
 	$(PY) -m pytest -q -s -m rehearsal tests

@@ -2,6 +2,7 @@
 under torchrun with 2 processes against 1.
 
     python bench/cpu.py [--images 8] [--images_b1 2] [--repeats 1] [--modes fp32 bf16 int8]
+                        [--demo data/demo]
 
 The full-size architecture (ViT-B/16 at 224 px + GPT-2 124M with 50,257 tokens) in local
 folders shaped like the Hub's, random weights (no network here), joined and saved the way
@@ -11,6 +12,9 @@ the same work: one warm-up generate (1 image, 2 tokens), then the best of --repe
 over --images_b1 images at batch 1 and over --images images at batch 8, beam 3, exactly 16
 new tokens (min_new_tokens = max_new_tokens, so no mode stops early). Reports images/s, the
 ratio to fp32, peak RSS and the model's size in memory.
+
+The quality rows: make demo's model captions its test split in each mode; the share of
+captions identical to fp32's and test CIDEr against fp32's (Python PTB tokeniser on every side).
 
 The torchrun row: inference.py on --ratio_images JPEGs with the demo-sized tiny model
 (random weights), wall time of the whole command, 2 processes (one thread each) vs 1
@@ -136,6 +140,9 @@ def main(argv=None):
                    choices=["fp32", "bf16", "int8"], help="precision modes, in this order")
     p.add_argument("--ratio_images", type=int, default=48,
                    help="images for the torchrun 2-vs-1-process row (0: skip it)")
+    p.add_argument("--demo", default=os.path.join(ROOT, "data", "demo"),
+                   help="make demo's folder: the quality rows caption its test split in each "
+                        "mode (skipped when it has no model)")
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -171,7 +178,24 @@ def main(argv=None):
             print(f"inference.py on {args.ratio_images} images, tiny model: 1 process "
                   f"{t1:.2f} s, torchrun 2 processes {t2:.2f} s: {t2 / t1:.2f}x the "
                   f"one-process wall time", flush=True)
+    print_quality(args.demo, [m for m in args.modes if m != "fp32"], "cpu")
     print(f"bench took {time.perf_counter() - began:.0f} s")
+
+
+def print_quality(demo, modes, device):
+    """The quality rows: the demo model's test captions in each mode against fp32's."""
+    from captioning.quantize import agreement_with_fp32
+
+    model_dir, data_dir = os.path.join(demo, "model"), os.path.join(demo, "processed")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        print(f"quality: no demo model in {model_dir} (make demo), skipped")
+        return
+    for mode, (same, cider, ratio) in agreement_with_fp32(model_dir, data_dir, modes,
+                                                          device).items():
+        if mode == "fp32":
+            continue
+        print(f"quality on {device}, demo model, test split: {mode:>5} {same:6.1%} of captions "
+              f"identical to fp32's, CIDEr {cider:.3f} ({ratio:.4f}x fp32's)", flush=True)
 
 
 if __name__ == "__main__":

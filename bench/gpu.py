@@ -130,6 +130,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="steps left out of each timing")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="the device's dense bf16 peak (default: looked up by name)")
+    p.add_argument("--demo", default=os.path.join(ROOT, "data", "demo"),
+                   help="make demo's folder: its test split captioned in bf16 against fp32 on "
+                        "the GPU (skipped when it has no model)")
     args = p.parse_args(argv)
 
     import tempfile
@@ -215,6 +218,14 @@ def main(argv=None):
         print(f"captioning {label:<13} {rate:9.1f} images/s (beam 3, 16 new tokens)")
     ours, floor = results[next(iter(results))][0], results["bare loop"][0]
     print(f"train.py path / bare loop time: {floor / ours:.2f}x")
+    if device == "cuda":
+        from cpu import print_quality  # bench/cpu.py, beside this file
+
+        from captioning.quantize import resolve_precision
+        from captioning.devices import cuda_capability
+
+        print_quality(args.demo, [resolve_precision("auto", "cuda", cuda_capability())[0]],
+                      "cuda")
 
 
 if __name__ == "__main__":

@@ -145,13 +145,14 @@ def compute_caption_metrics(predictions, references, use_java=None):
         raise ValueError("nothing to score: no predictions")
     if any(len(refs) == 0 for refs in references):
         raise ValueError("every prediction needs at least one reference")
+    why = "java not found" if use_java is None else "asked not to use java"
     use_java = java_available() if use_java is None else use_java
     if mostly_non_ascii(references):
         print("metrics: most references are not ASCII text; the PTB tokeniser behind BLEU, "
               "METEOR and CIDEr is English-only, so these scores tokenise such text naively "
               "and are not comparable with English COCO scores", file=sys.stderr)
     if not use_java:
-        print("metrics: java not found, using the Python PTB tokeniser and leaving out METEOR",
+        print(f"metrics: {why}, using the Python PTB tokeniser and leaving out METEOR",
               file=sys.stderr)
 
     flat = list(predictions) + [r for refs in references for r in refs]

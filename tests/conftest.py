@@ -31,6 +31,8 @@ TINY_SIZE = (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real files, subprocesses, servers (make test)")
     config.addinivalue_line("markers", "rehearsal: full-size models on the CPU (make rehearse)")
+    config.addinivalue_line("markers", "demo: checks on make demo's trained model "
+                            "(make check-demo)")
     config.addinivalue_line("markers", "upstream: notices an upstream bug that our code "
                                        "works around; it fails when upstream fixes the bug")
 

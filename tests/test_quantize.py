@@ -88,56 +88,28 @@ def test_resolve_precision():
 
 # ----------------------------------------------------------------------------- slow tier
 
-@pytest.fixture(scope="module")
-def demo_style(tmp_path_factory):
-    """A demo-style tiny model (demo shapes and settings, fewer images and epochs), trained
-    well enough that its captions depend on the image: -> (model dir, data dir)."""
-    import dataloader
-    import train
-
-    base = tmp_path_factory.mktemp("demo_style")
-    data, model = str(base / "data"), str(base / "model")
-    assert dataloader.main(["--source", "shapes", "--coco_dir", str(base / "coco"),
-                            "--shapes_train", "400", "--shapes_val", "140",
-                            "--save_path", data, "--encoder_model", "tiny",
-                            "--decoder_model", "tiny", "--val_size", "20", "--test_size",
-                            "100", "--quiet"]) == 0
-    assert train.main(["--data_path", data, "--output_dir", model, "--epochs", "12",
-                       "--batch_size", "16", "--lr", "1e-3", "--warmup_steps", "20",
-                       "--max_eval_samples", "20", "--num_preview_images", "0",
-                       "--runs_dir", str(base / "runs"), "--quiet"]) == 0
-    return model, data
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "data", "demo")
 
 
-def quality_against_fp32(model_dir, data_dir, modes):
-    """{mode: (share of test captions identical to fp32's, test CIDEr / fp32's test CIDEr)}."""
-    from captioning.captioner import load_captioner
-    from captioning.scoring import compute_caption_metrics
-    from captioning.store import load_split
+@pytest.mark.demo
+def test_auto_mode_meets_the_quality_bar_on_the_demo_model():
+    """The issue's quality bar is set on the demo model itself (make demo's output), so this
+    runs after `make demo` (`make check-demo`, which .ci/run calls), not inside make test:
+    a model trained for less (400 images, 12 epochs) had int8 at 94% identical, and training
+    one in make test costs minutes. Prints every mode's figures; asserts the bar for the mode
+    auto picks on a CPU: >= 95% of test captions identical to fp32's, CIDEr within 2%."""
+    from captioning.quantize import agreement_with_fp32
 
-    test = load_split(data_dir, "test")
-    pixels = np.stack([r for r in test["pixel_values"]])
-    references = list(test["captions"])
-    captions, cider = {}, {}
-    for mode in ("fp32", *modes):
-        model, tokenizer, processor = load_captioner(model_dir, "cpu", mode)
-        captions[mode] = [c for first in range(0, len(pixels), 32) for c in caption_pixels(
-            pixels[first:first + 32], model, tokenizer, processor)]
-        cider[mode] = compute_caption_metrics(captions[mode], references)["cider"]
-    return {m: (float(np.mean([a == b for a, b in zip(captions[m], captions["fp32"])])),
-                cider[m] / cider["fp32"], cider[m]) for m in modes}
-
-
-@pytest.mark.slow
-def test_auto_mode_meets_the_quality_bar(demo_style):
-    """For every mode: identical-caption share and CIDEr ratio against fp32 (printed, for the
-    README); for the mode auto picks on a CPU the bar: >= 95% identical, CIDEr within 2%."""
-    model_dir, data_dir = demo_style
-    quality = quality_against_fp32(model_dir, data_dir, ["bf16", "int8"])
-    for mode, (same, ratio, cider) in quality.items():
+    model_dir, data_dir = os.path.join(DEMO_MODEL, "model"), os.path.join(DEMO_MODEL, "processed")
+    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        pytest.fail(f"no demo model in {model_dir}: run `make demo` first")
+    quality = agreement_with_fp32(model_dir, data_dir, ["bf16", "int8"])
+    for mode, (same, cider, ratio) in quality.items():
         print(f"\n{mode}: {same:.0%} of test captions identical to fp32's, CIDEr {cider:.3f} "
-              f"= {ratio:.3f}x fp32's", file=sys.stderr)
-    same, ratio, _ = quality[CPU_AUTO] if CPU_AUTO != "fp32" else (1.0, 1.0, 0)
+              f"= {ratio:.4f}x fp32's", file=sys.stderr)
+    assert CPU_AUTO != "fp32", "auto should pick a faster mode that meets the bar"
+    same, _, ratio = quality[CPU_AUTO]
     assert same >= 0.95
     assert abs(ratio - 1) <= 0.02
 
