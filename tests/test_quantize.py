@@ -166,6 +166,6 @@ def test_torchrun_two_processes_equal_one(tiny_model_dir, tmp_path, precision):
         outputs[nproc] = (r.stdout, (out / "c.json").read_text(), (out / "r.json").read_text())
         for path in bad:
             assert r.stderr.count(f"{path}:") == 1, r.stderr[-2000:]
-        assert r.stderr.count("precision") == 1  # the choice, printed once
+        assert r.stderr.count("inference.py: precision") == 1  # the choice, printed once
     assert len(outputs[1][0].splitlines()) == 37
     assert outputs[2] == outputs[1]
