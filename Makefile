@@ -2,13 +2,14 @@
 # make test: install, then the whole test suite (offline), as CI runs it.
 # make rehearse: the real architectures (ViT-B/16 + GPT-2 124M, random weights) through every script.
 # make check-demo: make demo, then the checks that need its trained model (int8's quality bar).
+# make app: the demo page (app.py) on the demo's model, making it first (make demo) if missing.
 # make test-fast: the fast tier only (in-memory tiny models; no pipeline runs, servers or torchrun).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := data/demo
 
-.PHONY: demo check-demo test test-fast rehearse install clean
+.PHONY: demo check-demo app test test-fast rehearse install clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,10 @@ demo: install
 		$(DEMO)/shapes_coco/val2014/COCO_val2014_000000500002.jpg
 	$(PY) -c "import json; m = json.load(open('$(DEMO)/model/metrics.json'))['test']; \
 		print('test BLEU-4 %.4f  CIDEr %.3f  (from $(DEMO)/model/metrics.json)' % (m['bleu4'], m['cider']))"
+
+app: install
+	@test -f $(DEMO)/model/config.json || $(MAKE) demo
+	$(PY) app.py --model_path $(DEMO)/model
 
 test: install
 	$(PY) -m pytest -q -m "not rehearsal and not demo" tests

@@ -8,8 +8,9 @@ model.generation_config) and is scored against all of that image's references; t
 epoch by --metric_for_best_model is kept. At the end the test split is captioned and scored.
 Written to --output_dir: the model in Hugging Face format (safetensors, config,
 generation_config, tokenizer, preprocessor_config), metrics.json, metrics.md,
-loss_curve.png, test_predictions.json and test_results_coco.json. TensorBoard logs go to
-runs/<run_name>/.
+loss_curve.png, test_predictions.json, test_results_coco.json and a model card (README.md,
+whose usage snippet loads the directory). TensorBoard logs go to runs/<run_name>/.
+--push_to_hub REPO_ID uploads all but the checkpoints to the Hugging Face Hub.
 
 Training uses one caption per image per epoch, drawn from that image's ~5 as a pure
 function of (seed, epoch, image): pixels are stored once per image, over epochs the model
@@ -27,6 +28,7 @@ from captioning.checkpoints import checkpoint_to_resume, tensorboard_dir
 from captioning.cli import (HelpFormatter, configure_runtime, error_exit, non_negative_int,
                             positive_float, positive_int, quiet_transformers)
 from captioning.devices import choose_precision, cuda_capability, pick_device
+from captioning.model_card import write_card
 from captioning.modeling import (DEFAULT_NUM_BEAMS, build_model, load_image_processor,
                                  load_tokenizer)
 from captioning.store import SPLITS, Manifest, load_split, write_json
@@ -105,6 +107,13 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=42,
                    help="seed for weights, data order and caption draws")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
+                   help="after training, upload the model, tokenizer, image processor, "
+                        "generation config, metrics and model card (never checkpoint-*) to "
+                        "this Hugging Face repo, created if missing; needs a token (HF_TOKEN "
+                        "or `hf auth login`) (default: nothing is uploaded)")
+    p.add_argument("--hub_private", action="store_true",
+                   help="with --push_to_hub, create the repo private")
     args = p.parse_args(argv)
     if args.resume and args.resume_from:
         p.error("give --resume or --resume_from, not both")
@@ -245,7 +254,9 @@ def write_outputs(args, trainer, train_result, test, test_ds, manifest, run_dir,
           f"{trainer.state.best_model_checkpoint}")
     print("test: " + ", ".join(f"{k} {test_metrics[k]:.4f}" for k in TABLE_METRICS
                                if k in test_metrics))
-    print(f"model, metrics.json and test predictions written to {args.output_dir}")
+    write_card(args.output_dir)  # after metrics.json: the card is built from it
+    print(f"model, model card (README.md), metrics.json and test predictions written to "
+          f"{args.output_dir}")
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -285,7 +296,7 @@ def main(argv=None):
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(os.path.join(args.output_dir, "train_args.json"),
-                   {**vars(args), "tensorboard": run_dir})
+                   {**vars(args), "tensorboard": run_dir, "precision_used": precision})
     try:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteLossError as e:
@@ -296,6 +307,15 @@ def main(argv=None):
         processor.save_pretrained(args.output_dir)
         write_outputs(args, trainer, train_result, test, splits["test"], manifest, run_dir,
                       tb_writer)
+        if args.push_to_hub:
+            from captioning.publish import push_output_dir
+
+            try:
+                url = push_output_dir(args.output_dir, args.push_to_hub, args.hub_private)
+            except Exception as e:  # network, auth, a refused name: the model stays on disk
+                return error_exit("train.py", f"--push_to_hub {args.push_to_hub} failed: {e}",
+                                  code=1)
+            print(f"pushed to {url}")
     return 0
 
 

@@ -1,9 +1,10 @@
 """Captioning many images with a trained model: inputs fetched and decoded in threads while
 the model captions the previous batch, bad inputs reported one line each without stopping the
-others. inference.py is a command line around `caption_sources`; a demo page would be too.
+others. inference.py is a command line around `caption_sources`, app.py a web page around it.
 """
 
 import collections
+import functools
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -86,30 +87,79 @@ def load_captioner(model_path, device="auto", precision="fp32"):
     return fill_generation_ids(model, tokenizer), tokenizer, load_image_processor(model_path)
 
 
+def _model_pixels(uint8_batch, model, processor):
+    # In the model's own float type: bf16 and fp16 models take bf16/fp16 pixels; an int8
+    # model keeps fp32 activations.
+    return normalize_pixels(uint8_batch, processor).to(model.device, model.dtype)
+
+
 def caption_pixels(uint8_batch, model, tokenizer, processor, **generate_kwargs):
     """uint8 (B, 3, H, W) at the encoder's size -> captions, one generate call."""
     import torch
 
-    # In the model's own float type: bf16 and fp16 models take bf16/fp16 pixels; an int8
-    # model keeps fp32 activations.
-    pixels = normalize_pixels(uint8_batch, processor).to(model.device, model.dtype)
     with torch.inference_mode():
-        out = model.generate(pixel_values=pixels, **generate_kwargs)
+        out = model.generate(pixel_values=_model_pixels(uint8_batch, model, processor),
+                             **generate_kwargs)
     return decode_captions(out, tokenizer)
 
 
+def ranked_captions(uint8_batch, model, tokenizer, processor, num_captions=3,
+                    **generate_kwargs):
+    """uint8 (B, 3, H, W) -> per image up to `num_captions` (caption, score), best first, one
+    generate call. Beam search returns its best beams (at most the beam width) scored as it
+    ranks them (log-probability / length ** length_penalty), so the first is the caption
+    caption_pixels gives for the same settings; greedy and sampled captions get their mean
+    token log-probability (under the sampling distribution when sampling)."""
+    import torch
+
+    config = model.generation_config
+    sampling = generate_kwargs.get("do_sample", config.do_sample)
+    beams = generate_kwargs.get("num_beams") or config.num_beams or 1
+    k = max(1, num_captions if sampling else min(num_captions, beams))
+    with torch.inference_mode():
+        out = model.generate(pixel_values=_model_pixels(uint8_batch, model, processor),
+                             num_return_sequences=k, return_dict_in_generate=True,
+                             output_scores=True, **generate_kwargs)
+        scores = getattr(out, "sequences_scores", None)
+        if scores is None:
+            scores = mean_token_logprob(model, out)
+    captions = decode_captions(out.sequences, tokenizer)
+    scores = scores.float().cpu().tolist()
+    return [sorted(zip(captions[i:i + k], scores[i:i + k]), key=lambda cs: -cs[1])
+            for i in range(0, len(captions), k)]
+
+
+def mean_token_logprob(model, out):
+    """Each generated sequence's mean log-probability per token, up to and including its
+    first EOS (what follows is padding)."""
+    import torch
+
+    steps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    generated = out.sequences[:, -steps.shape[1]:]
+    eos = model.generation_config.eos_token_id
+    is_eos = torch.isin(generated, torch.tensor(eos if isinstance(eos, list) else [eos],
+                                                device=generated.device))
+    valid = (torch.cumsum(is_eos, dim=1) - is_eos.long()) == 0  # up to the first EOS
+    steps = torch.where(valid, steps, torch.zeros_like(steps))
+    return steps.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
 def caption_sources(sources, model, tokenizer, processor, batch_size=16, workers=8,
-                    timeout=10.0, max_bytes=int(DEFAULT_MAX_DOWNLOAD_MB * 2**20), **generate_kwargs):
+                    timeout=10.0, max_bytes=int(DEFAULT_MAX_DOWNLOAD_MB * 2**20),
+                    num_captions=None, **generate_kwargs):
     """Yield (source, caption, None) or (source, None, InputError) for each source, in input
-    order."""
+    order. With `num_captions`, each caption is instead ranked_captions' list of up to that
+    many (caption, score), best first."""
     size, resample = processor_size(processor), processor_resample(processor)
     with ThreadPoolExecutor(workers) as pool, Client(workers, timeout) as client:
         loaded = iter_loaded(sources, pool, 2 * batch_size, load_pixels, size, resample,
                              client, max_bytes)
         while chunk := list(itertools.islice(loaded, batch_size)):
             good = [(s, px) for s, px in chunk if not isinstance(px, InputError)]
-            captions = iter(caption_pixels(np.stack([px for _, px in good]), model, tokenizer,
-                                           processor, **generate_kwargs) if good else [])
+            caption = (caption_pixels if num_captions is None else
+                       functools.partial(ranked_captions, num_captions=num_captions))
+            captions = iter(caption(np.stack([px for _, px in good]), model, tokenizer,
+                                    processor, **generate_kwargs) if good else [])
             for source, pixels in chunk:
                 if isinstance(pixels, InputError):
                     yield source, None, pixels

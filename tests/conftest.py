@@ -110,17 +110,46 @@ def prepared(shapes_coco, tmp_path_factory):
     return out
 
 
+PUSH_REPO = "someone/tiny-captioner"
+PUSHED = {}  # what the `trained` run's --push_to_hub handed to the Hub: repo, files
+
+
 @pytest.fixture(scope="session")
 def trained(prepared, tmp_path_factory):
+    """A briefly trained model. The run also pushes to the Hub (--push_to_hub), with HfApi's
+    two network calls (create the repo, send the commit) replaced by recorders, so the push
+    costs no second training run; `pushed` holds what they were given."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from huggingface_hub import HfApi
+
     import train
+
+    def create_repo(self, repo_id, **kwargs):
+        PUSHED["repo"] = (repo_id, kwargs)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        PUSHED["operations"] = {op.path_in_repo: op for op in operations}
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
     base = tmp_path_factory.mktemp("train")
     out = str(base / "model")
-    rc = train.main(["--data_path", prepared, "--output_dir", out, "--epochs", "2",
-                     "--batch_size", "8", "--lr", "1e-3", "--runs_dir", str(base / "runs"),
-                     "--run_name", "t", "--logging_steps", "1", "--num_beams", "2", "--quiet"])
+    with mock.patch.object(HfApi, "create_repo", create_repo), \
+            mock.patch.object(HfApi, "create_commit", create_commit):
+        rc = train.main(["--data_path", prepared, "--output_dir", out, "--epochs", "2",
+                         "--batch_size", "8", "--lr", "1e-3", "--runs_dir", str(base / "runs"),
+                         "--run_name", "t", "--logging_steps", "1", "--num_beams", "2",
+                         "--push_to_hub", PUSH_REPO, "--quiet"])
     assert rc == 0
     return out, str(base / "runs" / "t")
+
+
+@pytest.fixture(scope="session")
+def pushed(trained):
+    """{"repo": (repo_id, kwargs), "operations": {path_in_repo: CommitOperationAdd}} from the
+    `trained` run's --push_to_hub."""
+    return PUSHED
 
 
 @pytest.fixture(scope="session")

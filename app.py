@@ -1,0 +1,114 @@
+"""Serve a demo page for a trained captioner: drop in an image, read its captions.
+
+    python app.py --model_path ./image_captioning_model     # then open http://127.0.0.1:7860
+    make app                                                 # the demo's model (make demo first)
+
+The page (Gradio) takes an upload, a pasted image, an example from the built-in shapes set,
+or a URL, and shows the caption, the best --num_captions beams with their scores, and
+controls for beam width, sampling (temperature, top-p) and maximum length. It names the
+model and shows its test metrics from metrics.json. Captions come from the code inference.py
+uses (captioning/captioner.py), with the same limits; a bad input gets a one-line message on
+the page and the server keeps answering. Concurrent requests are queued and batched.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+# Light imports only: gradio, torch and transformers load after parsing, so --help is quick.
+from captioning.cli import (HelpFormatter, configure_runtime, error_exit, positive_float,
+                            positive_int)
+from captioning.fetch import DEFAULT_MAX_DOWNLOAD_MB
+from inference import DEFAULT_MODEL_PATH, model_path_problem
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model_path", default=DEFAULT_MODEL_PATH,
+                   help="trained model directory (train.py's --output_dir) or a Hub id")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface, reachable from "
+                        "other machines)")
+    p.add_argument("--port", type=positive_int, default=7860, help="port to listen on")
+    p.add_argument("--share", action="store_true",
+                   help="also open a public *.gradio.live link through Gradio's relay "
+                        "(needs the internet; off by default)")
+    p.add_argument("--num_captions", type=positive_int, default=3,
+                   help="best captions shown with their scores (beam search shows at most "
+                        "the beam width)")
+    p.add_argument("--max_batch_size", type=positive_int, default=8,
+                   help="queued requests captioned together in one generate call")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="where the model runs (auto: cuda, then mps, then cpu)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="as inference.py --precision (see its --help)")
+    p.add_argument("--timeout", type=positive_float, default=10.0,
+                   help="seconds allowed for connecting and for each read of a URL")
+    p.add_argument("--max_download_mb", type=positive_float, default=DEFAULT_MAX_DOWNLOAD_MB,
+                   help="largest image a URL may return or an upload may be")
+    return p.parse_args(argv)
+
+
+def read_metrics(model_path):
+    path = os.path.join(model_path, "metrics.json")
+    try:
+        return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    except ValueError:
+        return {}  # a half-written or hand-edited file: the page shows no metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    configure_runtime()
+    problem = model_path_problem(args.model_path)
+    if problem:
+        return error_exit("app.py", problem)
+    # Gradio would otherwise report usage to its servers and check for a newer version.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+    from captioning.captioner import load_captioner
+    from captioning.cli import quiet_transformers
+    from captioning.devices import cuda_capability, pick_device
+    from captioning.page import PageCaptioner, build_page, model_summary, write_examples
+    from captioning.quantize import resolve_precision
+
+    quiet_transformers()
+    device = pick_device(args.device)
+    try:
+        precision, reason = resolve_precision(args.precision, device.split(":")[0],
+                                              cuda_capability())
+        model, tokenizer, processor = load_captioner(args.model_path, device, precision)
+    except (OSError, ValueError) as e:
+        return error_exit("app.py", f"cannot load model from {args.model_path}: "
+                                    f"{str(e).strip() or type(e).__name__}")
+    print(f"app.py: {args.model_path} on {device}, precision {precision} ({reason})",
+          file=sys.stderr)
+    max_bytes = int(args.max_download_mb * 2**20)
+    captioner = PageCaptioner(model, tokenizer, processor, args.num_captions, max_bytes,
+                              args.timeout)
+    examples = write_examples(tempfile.mkdtemp(prefix="caption-examples-"))
+    page = build_page(captioner, model_summary(args.model_path, read_metrics(args.model_path)),
+                      examples, model.generation_config.to_dict(), args.max_batch_size)
+    page.queue(max_size=256)
+    # Gradio's own upload cap only guards the disk; uploads over --max_download_mb are
+    # refused by our code, with our message, so its cap sits well above ours.
+    page.launch(server_name=args.host, server_port=args.port, share=args.share,
+                max_file_size=4 * max_bytes + 2**20, footer_links=["api"], quiet=False,
+                theme=local_theme())
+    return 0
+
+
+def local_theme():
+    """Gradio's default theme with system fonts: the default loads fonts from Google, which
+    an offline machine (or browser) waits on."""
+    import gradio as gr
+
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "monospace"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
