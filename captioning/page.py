@@ -19,17 +19,24 @@ from .shapes import draw_shape_image
 NO_INPUT = ""  # nothing to caption (an image cleared): no message either
 
 
-class UploadedImage(gr.Image):
-    """gr.Image that hands the uploaded file to the captioner as it came. gr.Image opens the
+def uploaded_image(**kwargs):
+    """A gr.Image that hands the uploaded file to the captioner as it came. gr.Image opens the
     file with PIL before our code sees it, so a text file named .png or a decompression bomb
-    would fail inside Gradio with its own error instead of getting our one-line message."""
+    would fail inside Gradio with its own error instead of getting our one-line message.
 
-    is_template = True  # rendered by Gradio's own Image frontend
+    The override is on the instance, not a gr.Image subclass: Gradio's component metaclass
+    writes a .pyi stub beside the module of every subclass when it is imported (gradio 6.31,
+    component_meta.create_or_modify_pyi), and importing this module must not write files."""
+    image = gr.Image(**kwargs)
+    decode = image.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
             return payload.path
-        return super().preprocess(payload)  # a pasted data: URL, decoded to a file
+        return decode(payload)  # a pasted data: URL, decoded to a file
+
+    image.preprocess = preprocess
+    return image
 
 
 def one_line(error):
@@ -138,8 +145,8 @@ def build_page(captioner, summary, examples, generation, max_batch_size):
         gr.Markdown(summary, elem_id="model")
         with gr.Row():
             with gr.Column():
-                image = UploadedImage(type="filepath", sources=["upload", "clipboard"],
-                                      label="Image", elem_id="image", height=320)
+                image = uploaded_image(type="filepath", sources=["upload", "clipboard"],
+                                       label="Image", elem_id="image", height=320)
                 url = gr.Textbox(label="Image URL (press Enter)", elem_id="url",
                                  placeholder="https://...")
                 with gr.Accordion("Settings", open=False):

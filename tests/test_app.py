@@ -36,7 +36,10 @@ def server(trained, tmp_path_factory):
     start = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "app.py", "--model_path", model, "--port", str(port),
-         "--max_download_mb", str(LIMIT_MB), "--timeout", "1", "--num_captions", "2"],
+         "--max_download_mb", str(LIMIT_MB), "--timeout", "1", "--num_captions", "2",
+         # fp32 on both sides: the page batches concurrent requests, and int8 (auto's CPU
+         # choice) scales activations per batch, so its captions can depend on the batch.
+         "--precision", "fp32"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}/"
@@ -70,7 +73,8 @@ def expected(trained, shapes_coco):
     for path in paths:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            assert inference.main(["--image_path", path, "--model_path", model]) == 0
+            assert inference.main(["--image_path", path, "--model_path", model,
+                                   "--precision", "fp32"]) == 0
         captions[path] = out.getvalue().strip()
         assert captions[path] and "\n" not in captions[path]
     return captions
