@@ -16,6 +16,11 @@ function of (seed, epoch, image): pixels are stored once per image, over epochs 
 sees every phrasing, and a resumed run draws exactly what the uninterrupted one would have.
 The loss is the mean over every caption token of the effective batch, whatever the
 accumulation steps and number of processes.
+
+    python train.py --data_path ./processed_data --init_from ./ce_model --scst
+
+continues a cross-entropy-trained model with self-critical sequence training: sampled
+captions rewarded by their CIDEr-D against the image's references (captioning/scst.py).
 """
 
 import argparse
@@ -161,7 +166,10 @@ def make_model(args, manifest, tokenizer, precision, is_main):
         model = fill_generation_ids(load_model_strict(init_from), tokenizer)
         check_init_model(model, manifest, tokenizer, init_from)
         if args.num_beams:
+            # early_stopping is a beam-search flag: GenerationConfig refuses to save it
+            # (at the first checkpoint) beside num_beams 1.
             model.generation_config.num_beams = args.num_beams
+            model.generation_config.early_stopping = args.num_beams > 1
         model.generation_config.max_new_tokens = args.max_new_tokens or manifest["max_length"]
         model.generation_config.max_length = None
     else:

@@ -93,8 +93,9 @@ def generate_from_encoding(model, states, k, sample):
     from transformers.modeling_outputs import BaseModelOutput
 
     config = copy.deepcopy(model.generation_config)
-    config.update(do_sample=sample, num_beams=1, num_return_sequences=k, top_k=0, top_p=1.0,
-                  temperature=1.0, early_stopping=False)
+    config.update(do_sample=sample, num_beams=1, num_return_sequences=k, early_stopping=False)
+    if sample:  # the model's own distribution: no top-k/top-p cut, temperature 1
+        config.update(top_k=0, top_p=1.0, temperature=1.0)
     start = torch.full((states.shape[0], 1), config.decoder_start_token_id,
                        dtype=torch.long, device=states.device)
     was_training = model.training
@@ -205,7 +206,7 @@ class SCSTTrainer(CaptionTrainer):
             log_probs = sample_log_probs(model, states.repeat_interleave(k, dim=0), ids,
                                          unwrapped.config.decoder_start_token_id)
         loss_sum = policy_loss_sum(log_probs, mask.float(), advantage)
-        self._step += [float(mask.sum()), float(loss_sum), rewards.sum(), base.sum(),
+        self._step += [float(mask.sum()), float(loss_sum.detach()), rewards.sum(), base.sum(),
                        float(finished.sum()), len(rewards)]
         loss = loss_sum / self._divisor
         return (loss, None) if return_outputs else loss

@@ -5,10 +5,8 @@ under accumulation, and (slow) --scst with a SIGKILL and --resume, and under tor
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import torch
 import train
 from captioning import scst, shapes
 from captioning.cider import CACHE_NAME, CiderD, document_frequency
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, run_until_file_then_sigkill
 
 
 def _corpus(seed=0, images=60):
@@ -234,15 +232,7 @@ def test_scst_sigkill_then_resume_finishes(prepared, trained, tmp_path):
     out = tmp_path / "scst"
     cmd = [sys.executable, *_scst_cmd(prepared, init, out, tmp_path, "--max_steps", "6",
                                       "--save_steps", "2", "--save_total_limit", "3")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while not os.path.isfile(out / "checkpoint-2" / "trainer_state.json"):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "no checkpoint-2 in time"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_until_file_then_sigkill(cmd, out / "checkpoint-2" / "trainer_state.json")
     assert not (out / "metrics.json").exists()
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
