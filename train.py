@@ -17,6 +17,11 @@ function of (seed, epoch, image): pixels are stored once per image, over epochs 
 sees every phrasing, and a resumed run draws exactly what the uninterrupted one would have.
 The loss is the mean over every caption token of the effective batch, whatever the
 accumulation steps and number of processes.
+
+    python train.py --data_path ./processed_data --init_from ./ce_model --scst
+
+continues a cross-entropy-trained model with self-critical sequence training: sampled
+captions rewarded by their CIDEr-D against the image's references (captioning/scst.py).
 """
 
 import argparse
@@ -61,7 +66,8 @@ def parse_args(argv):
                    help="training images per step and process")
     p.add_argument("--eval_batch_size", type=positive_int, default=64,
                    help="images per generate call")
-    p.add_argument("--lr", type=positive_float, default=5e-5, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate (AdamW) (default: 5e-5; 1e-5 with --scst)")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup_steps", type=non_negative_int, default=0,
                    help="linear warm-up steps, then linear decay to 0")
@@ -114,6 +120,16 @@ def parse_args(argv):
                         "or `hf auth login`) (default: nothing is uploaded)")
     p.add_argument("--hub_private", action="store_true",
                    help="with --push_to_hub, create the repo private")
+    g = p.add_argument_group("self-critical sequence training (SCST), after cross-entropy")
+    g.add_argument("--scst", action="store_true",
+                   help="optimise CIDEr-D itself, continuing from the cross-entropy-trained "
+                        "--init_from model: sampled captions, rewarded against the image's "
+                        "references, raised or lowered against a baseline")
+    g.add_argument("--scst_samples", type=positive_int, default=5,
+                   help="captions sampled per image and step")
+    g.add_argument("--scst_baseline", choices=["mean", "greedy"], default="mean",
+                   help="mean: the mean reward of the image's other samples; greedy: the "
+                        "reward of its greedy caption (one more generate call, no gradients)")
     args = p.parse_args(argv)
     if args.resume and args.resume_from:
         p.error("give --resume or --resume_from, not both")
@@ -122,6 +138,18 @@ def parse_args(argv):
         p.error("--epochs must be positive (or give --max_steps)")
     if args.metric_for_best_model == "meteor" and not java_available():
         p.error("--metric_for_best_model meteor needs Java, which is not installed")
+    if args.lr is None:
+        args.lr = 1e-5 if args.scst else 5e-5  # SCST from a CE model diverges at CE's rates
+    if args.scst:
+        if not args.init_from:
+            p.error("--scst needs --init_from DIR, a model trained with cross-entropy first "
+                    "(train.py's --output_dir): SCST from an untrained model rewards noise")
+        if args.scst_baseline == "mean" and args.scst_samples < 2:
+            p.error("--scst_samples must be at least 2 with --scst_baseline mean (each "
+                    "sample's baseline is the mean reward of the image's other samples)")
+        if args.metric_for_best_model == "loss":
+            p.error("--metric_for_best_model loss picks nothing under --scst (its loss is not "
+                    "a cross-entropy); use a caption metric such as cider")
     return args
 
 
@@ -147,7 +175,10 @@ def make_model(args, manifest, tokenizer, precision, is_main):
         model = fill_generation_ids(load_model_strict(init_from), tokenizer)
         check_init_model(model, manifest, tokenizer, init_from)
         if args.num_beams:
+            # early_stopping is a beam-search flag: GenerationConfig refuses to save it
+            # (at the first checkpoint) beside num_beams 1.
             model.generation_config.num_beams = args.num_beams
+            model.generation_config.early_stopping = args.num_beams > 1
         model.generation_config.max_new_tokens = args.max_new_tokens or manifest["max_length"]
         model.generation_config.max_length = None
     else:
@@ -224,13 +255,21 @@ def make_trainer(args, model, tokenizer, processor, splits, precision, run_dir, 
     n_preview = min(args.num_preview_images, len(val)) if tb_writer is not None else 0
     previews = PreviewWriter(tb_writer, val[:n_preview]["pixel_values"] if n_preview else [],
                              [r[0] for r in val[:n_preview]["captions"]] if n_preview else [])
-    return CaptionTrainer(
+    cls, view, collator, extra = CaptionTrainer, TrainView, CaptionCollator, {}
+    if args.scst:
+        from captioning.scst import SCSTCollator, SCSTTrainer, SCSTView, make_reward
+
+        cls, view, collator = SCSTTrainer, SCSTView, SCSTCollator
+        extra = dict(reward=make_reward(splits["train"], args.data_path, args.output_dir,
+                                        is_main=tb_writer is not None),  # main writes TB
+                     samples=args.scst_samples, baseline=args.scst_baseline)
+    return cls(
         model=model, args=make_training_args(args, run_dir, precision),
-        train_dataset=TrainView(splits["train"], args.seed), eval_dataset=val,
-        data_collator=CaptionCollator(processor), eval_collator=CaptionCollator(processor),
+        train_dataset=view(splits["train"], args.seed), eval_dataset=val,
+        data_collator=collator(processor), eval_collator=CaptionCollator(processor),
         processing_class=tokenizer, score=compute_caption_metrics,
         on_predictions=previews if n_preview else None,
-        callbacks=[OpenTensorBoardCallback(tb_writer=tb_writer)] if tb_writer else [])
+        callbacks=[OpenTensorBoardCallback(tb_writer=tb_writer)] if tb_writer else [], **extra)
 
 
 def write_outputs(args, trainer, train_result, test, test_ds, manifest, run_dir, tb_writer):

@@ -15,6 +15,8 @@
     checkpoints  finding and validating Trainer checkpoints
     trainer      caption draw, collator, loss, sharded evaluation, the Seq2SeqTrainer subclass
     scoring      the COCO caption metrics (metrics.py is their command line)
+    cider        CIDEr-D as a training reward: fixed document frequencies, cached references
+    scst         self-critical sequence training: sampling, rewards, baselines, SCSTTrainer
     reporting    what training shows people: previews, loss curve, tables, predictions
 
 Importing any of them changes no setting; the scripts call `cli.configure_runtime()`.

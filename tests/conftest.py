@@ -12,7 +12,9 @@ Nothing here touches the network.
 import dataclasses
 import http.server
 import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -35,6 +37,20 @@ def pytest_configure(config):
                             "(make check-demo)")
     config.addinivalue_line("markers", "upstream: notices an upstream bug that our code "
                                        "works around; it fails when upstream fixes the bug")
+
+
+def run_until_file_then_sigkill(cmd, path, timeout=300):
+    """Start `cmd` in its own process group, SIGKILL the group as soon as `path` exists (a
+    crash mid-run), and fail with the tail of its stderr if it ends or stalls before."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while not os.path.isfile(path):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, f"no {path} in time"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def free_port():

@@ -4,10 +4,8 @@ strict checkpoint loads, torchrun with 2 processes."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ import torch
 import train
 from captioning.checkpoints import find_resume_checkpoint
 from captioning.modeling import build_model, load_model_strict, load_tokenizer
-from conftest import ROOT, TINY_SIZE, free_port
+from conftest import ROOT, TINY_SIZE, free_port, run_until_file_then_sigkill
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +28,9 @@ def _train_cmd(prepared, out, tmp_path, *extra):
 
 def test_sigkill_mid_epoch_then_resume(prepared, tmp_path):
     out = tmp_path / "model"
-    proc = subprocess.Popen(_train_cmd(prepared, out, tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
     # 40 images / batch 8 = 5 steps an epoch; checkpoint-6 is saved one step into epoch 2.
-    deadline = time.time() + 300
-    while not os.path.isfile(out / "checkpoint-6" / "trainer_state.json"):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "no checkpoint-6 in time"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_until_file_then_sigkill(_train_cmd(prepared, out, tmp_path),
+                                out / "checkpoint-6" / "trainer_state.json")
     assert not (out / "metrics.json").exists()
 
     resumed_from = find_resume_checkpoint(str(out))
