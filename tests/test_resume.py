@@ -108,7 +108,7 @@ def test_torchrun_two_processes_write_outputs_once(prepared, tmp_path):
                         str(tmp_path / "runs"), "--run_name", "ddp", "--quiet"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("model, metrics.json and test predictions written") == 1
+    assert r.stdout.count("test predictions written to") == 1
     events = [f for f in os.listdir(tmp_path / "runs" / "ddp") if "tfevents" in f]
     assert len(events) == 1
     preds = json.load(open(out / "test_predictions.json"))

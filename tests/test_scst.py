@@ -253,7 +253,7 @@ def test_scst_under_torchrun_two_processes(prepared, trained, tmp_path):
                                    "--scst_baseline", "greedy")],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("model, metrics.json and test predictions written") == 1
+    assert r.stdout.count("test predictions written to") == 1
     m = json.load(open(out / "metrics.json"))
     assert m["train"]["global_step"] == 2 and "cider" in m["test"]
     assert any("scst_reward" in e for e in m["log_history"])
