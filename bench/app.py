@@ -15,7 +15,6 @@ Targets: page served within 15 s, caption within 1 s.
 
 import argparse
 import os
-import random
 import socket
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from captioning import shapes  # noqa: E402
+from caption import write_photos  # noqa: E402  (bench/caption.py, beside this file)
 
 
 def free_port():
@@ -61,18 +60,6 @@ def stop(proc):
     proc.wait(timeout=30)
 
 
-def write_photos(folder, n, seed=1):
-    rng = random.Random(seed)
-    paths = []
-    for i in range(n):
-        img = shapes.draw_shape_image(rng, rng.choice(list(shapes.COLORS)),
-                                      rng.choice(shapes.SHAPES),
-                                      rng.choice(list(shapes.POSITIONS)), size=(640, 480))
-        paths.append(os.path.join(folder, f"photo_{i:02d}.jpg"))
-        img.save(paths[-1], quality=90)
-    return paths
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_path", default=os.path.join(ROOT, "data/demo/model"),
@@ -96,7 +83,7 @@ def main(argv=None):
     try:
         open_page(browser, f"http://127.0.0.1:{port}/")
         with tempfile.TemporaryDirectory() as folder:
-            photos = write_photos(folder, args.uploads + 1)
+            photos = write_photos(folder, args.uploads + 1, seed=1)
             times = []
             for path in photos:
                 clear_image(browser)
