@@ -15,7 +15,8 @@ from .devices import pick_device
 from .fetch import DEFAULT_MAX_DOWNLOAD_MB, Client, FetchError, is_url, looks_like_html
 from .images import load_uint8, normalize_pixels, processor_resample, processor_size
 from .quantize import apply_precision
-from .modeling import decode_captions, fill_generation_ids, load_image_processor, load_tokenizer
+from .modeling import (decode_captions, fill_generation_ids, load_image_processor,
+                       load_tokenizer, through_first_eos)
 
 
 class InputError(Exception):
@@ -136,10 +137,7 @@ def mean_token_logprob(model, out):
 
     steps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
     generated = out.sequences[:, -steps.shape[1]:]
-    eos = model.generation_config.eos_token_id
-    is_eos = torch.isin(generated, torch.tensor(eos if isinstance(eos, list) else [eos],
-                                                device=generated.device))
-    valid = (torch.cumsum(is_eos, dim=1) - is_eos.long()) == 0  # up to the first EOS
+    valid, _ = through_first_eos(generated, model.generation_config.eos_token_id)
     steps = torch.where(valid, steps, torch.zeros_like(steps))
     return steps.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
@@ -154,10 +152,10 @@ def caption_sources(sources, model, tokenizer, processor, batch_size=16, workers
     with ThreadPoolExecutor(workers) as pool, Client(workers, timeout) as client:
         loaded = iter_loaded(sources, pool, 2 * batch_size, load_pixels, size, resample,
                              client, max_bytes)
+        caption = (caption_pixels if num_captions is None else
+                   functools.partial(ranked_captions, num_captions=num_captions))
         while chunk := list(itertools.islice(loaded, batch_size)):
             good = [(s, px) for s, px in chunk if not isinstance(px, InputError)]
-            caption = (caption_pixels if num_captions is None else
-                       functools.partial(ranked_captions, num_captions=num_captions))
             captions = iter(caption(np.stack([px for _, px in good]), model, tokenizer,
                                     processor, **generate_kwargs) if good else [])
             for source, pixels in chunk:

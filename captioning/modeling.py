@@ -86,6 +86,17 @@ def decode_captions(token_ids, tokenizer):
     return [" ".join(t.split()) for t in texts]
 
 
+def through_first_eos(ids, eos):
+    """Generated ids (N, T) without the start token -> (mask (N, T) of the tokens up to and
+    including the first EOS, finished (N,) bool). After EOS generate pads (with EOS, for
+    GPT-2): those positions are not the caption's. `eos` is an id or a list of ids."""
+    import torch
+
+    eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=ids.device)
+    is_eos = torch.isin(ids, eos)
+    return (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) == 0, is_eos.any(dim=1)
+
+
 # ----------------------------------------------------------------------------- model
 
 def set_generation_defaults(model, tokenizer, max_new_tokens=32, num_beams=DEFAULT_NUM_BEAMS):

@@ -24,7 +24,7 @@ import copy
 import numpy as np
 
 from .cider import CiderD, load_or_count
-from .modeling import decode_captions
+from .modeling import decode_captions, through_first_eos
 from .scoring import ptb_tokenize
 from .trainer import CaptionCollator, CaptionTrainer, TrainView
 
@@ -111,18 +111,6 @@ def generate_from_encoding(model, states, k, sample):
     return ids[:, 1:]
 
 
-def sample_mask(ids, eos_id):
-    """-> (mask (N, T) of the tokens up to and including the first EOS, finished (N,) bool).
-    After EOS, generate pads (with EOS, for GPT-2): those positions are not the caption's."""
-    import torch
-
-    is_eos = ids == eos_id
-    finished = is_eos.any(dim=1)
-    # Tokens before the first EOS, plus that EOS: no earlier EOS at positions < t.
-    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long() == 0
-    return before, finished
-
-
 def sample_log_probs(model, states, ids, start_id):
     """Per-token log p(ids) (N, T) under `model` (possibly DDP-wrapped), the decoder reading
     `states` (N, P, H); gradients flow to the decoder and through `states`."""
@@ -191,13 +179,13 @@ class SCSTTrainer(CaptionTrainer):
             ids = generate_from_encoding(unwrapped, states.detach(), k, sample=True)
             greedy = (generate_from_encoding(unwrapped, states.detach(), 1, sample=False)
                       if self.baseline == "greedy" else None)
-        mask, finished = sample_mask(ids, eos)
+        mask, finished = through_first_eos(ids, eos)
         images = np.repeat(inputs["image_index"].cpu().numpy(), k)
         rewards = self.reward(decode_captions(ids, self.processing_class),
                               finished.cpu().tolist(), images)
         greedy_rewards = None
         if greedy is not None:
-            greedy_finished = sample_mask(greedy, eos)[1]
+            greedy_finished = through_first_eos(greedy, eos)[1]
             greedy_rewards = self.reward(decode_captions(greedy, self.processing_class),
                                          greedy_finished.cpu().tolist(), images[::k])
         base = baselines(rewards, k, self.baseline, greedy_rewards)

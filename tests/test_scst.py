@@ -15,6 +15,7 @@ import torch
 import train
 from captioning import scst, shapes
 from captioning.cider import CACHE_NAME, CiderD, document_frequency
+from captioning.modeling import through_first_eos
 from conftest import ROOT, free_port, run_until_file_then_sigkill
 
 
@@ -107,7 +108,7 @@ def test_baselines():
 def test_sample_mask_keeps_tokens_through_the_first_eos():
     eos = 0
     ids = torch.tensor([[5, 6, 0, 0, 0], [5, 0, 7, 0, 0], [5, 6, 7, 8, 9]])
-    mask, finished = scst.sample_mask(ids, eos)
+    mask, finished = through_first_eos(ids, eos)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert finished.tolist() == [True, True, False]
 
@@ -129,7 +130,7 @@ def test_policy_gradient_moves_a_sample_with_its_advantage(tiny, sign):
     with torch.no_grad():
         before = float(log_p().sum())
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    mask, _ = scst.sample_mask(ids, tiny.tokenizer.eos_token_id)
+    mask, _ = through_first_eos(ids, tiny.tokenizer.eos_token_id)
     scst.policy_loss_sum(log_p(), mask.float(), torch.tensor([sign])).backward()
     opt.step()
     with torch.no_grad():
