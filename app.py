@@ -86,6 +86,12 @@ def main(argv=None):
                                     f"{str(e).strip() or type(e).__name__}")
     print(f"app.py: {args.model_path} on {device}, precision {precision} ({reason})",
           file=sys.stderr)
+    if precision == "int8" and args.max_batch_size > 1:
+        # int8 scales activations per batch: batched with strangers' requests, a visitor's
+        # caption could depend on their images. One request per generate call instead.
+        print("app.py: int8 captions one request at a time (--max_batch_size 1)",
+              file=sys.stderr)
+        args.max_batch_size = 1
     max_bytes = int(args.max_download_mb * 2**20)
     captioner = PageCaptioner(model, tokenizer, processor, args.num_captions, max_bytes,
                               args.timeout)

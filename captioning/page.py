@@ -13,7 +13,7 @@ import os
 import gradio as gr
 
 from .captioner import caption_sources
-from .fetch import size_limit_message
+from .fetch import is_url, size_limit_message
 from .shapes import draw_shape_image
 
 NO_INPUT = ""  # nothing to caption (an image cleared): no message either
@@ -55,6 +55,10 @@ class PageCaptioner:
     def problem(self, source, is_upload):
         if not source:
             return NO_INPUT
+        if not is_upload and not is_url(source):
+            # The URL box takes URLs only: a server path would let visitors read (or probe
+            # for) the server's files.
+            return one_line(f"not an http(s) URL: {source}")
         if is_upload and os.path.getsize(source) > self.max_bytes:
             # An upload gets the limit a URL gets (inference.py --max_download_mb).
             return one_line(f"the upload is {size_limit_message(self.max_bytes)}")

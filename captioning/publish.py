@@ -10,7 +10,11 @@ is what lets a test check exactly what would be sent.
 
 import os
 
-NEVER_PUSHED = ("training_args.bin",)
+from .cider import CACHE_NAME
+
+# Trainer's pickle, and SCST's reward cache (every training caption, written here when the
+# data folder is read-only): neither belongs with the model.
+NEVER_PUSHED = ("training_args.bin", CACHE_NAME)
 
 
 def files_to_push(output_dir):

@@ -190,9 +190,15 @@ class SCSTTrainer(CaptionTrainer):
                                          greedy_finished.cpu().tolist(), images[::k])
         base = baselines(rewards, k, self.baseline, greedy_rewards)
         advantage = torch.as_tensor(rewards - base, dtype=torch.float32, device=ids.device)
-        with self.autocast_smart_context_manager():
-            log_probs = sample_log_probs(model, states.repeat_interleave(k, dim=0), ids,
-                                         unwrapped.config.decoder_start_token_id)
+        # Score the policy that sampled: the decoder without dropout, as generate ran it
+        # (eval mode stops dropout, not gradients). The encoding is the one sampled from.
+        model.eval()
+        try:
+            with self.autocast_smart_context_manager():
+                log_probs = sample_log_probs(model, states.repeat_interleave(k, dim=0), ids,
+                                             unwrapped.config.decoder_start_token_id)
+        finally:
+            model.train()
         loss_sum = policy_loss_sum(log_probs, mask.float(), advantage)
         self._step += [float(mask.sum()), float(loss_sum.detach()), rewards.sum(), base.sum(),
                        float(finished.sum()), len(rewards)]

@@ -138,6 +138,9 @@ def test_every_bad_input_is_one_line_and_the_server_keeps_answering(server, expe
     for name in ("404.jpg", "slow.jpg", "page"):
         messages[name] = client.predict(f"{url}/{name}", *server.settings,
                                         api_name="/caption_url")
+    # A server path in the URL box: refused, not read (it would expose the server's files).
+    path, _ = next(iter(expected.items()))
+    messages["local path"] = client.predict(path, *server.settings, api_name="/caption_url")
     for name, (caption, ranked, message) in messages.items():
         assert caption == "" and message.startswith(MESSAGE), (name, message)
         assert "\n" not in message and "Traceback" not in message, (name, message)
@@ -149,6 +152,7 @@ def test_every_bad_input_is_one_line_and_the_server_keeps_answering(server, expe
     assert "404" in reasons["404.jpg"]
     assert "timed out" in reasons["slow.jpg"]
     assert "HTML" in reasons["page"]
+    assert "not an http(s) URL" in reasons["local path"]
     assert server.proc.poll() is None
     path, caption = next(iter(expected.items()))
     assert client.predict(handle_file(path), *server.settings, api_name="/caption")[0] == caption
