@@ -52,12 +52,13 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def read_metrics(model_path):
-    path = os.path.join(model_path, "metrics.json")
+def read_json(path):
+    """A JSON file as a dict; {} when it is missing, half-written or hand-edited (the page
+    then shows no metrics, or the generate defaults)."""
     try:
         return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
     except ValueError:
-        return {}  # a half-written or hand-edited file: the page shows no metrics
+        return {}
 
 
 def main(argv=None):
@@ -69,10 +70,55 @@ def main(argv=None):
     # Gradio would otherwise report usage to its servers and check for a newer version.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+    # The page is served first and the model loads behind it: importing Gradio, torch and
+    # transformers is most of a cold start, and a visitor needs a few seconds to pick an
+    # image anyway. A request that comes sooner waits for the model (PageCaptioner.attach).
+    # A Hub id has no local generation_config.json to take the page's defaults from, so
+    # there the model loads first.
+    local = os.path.isdir(args.model_path)
+    loaded = None if local else load_model(args)
+    if isinstance(loaded, int):
+        return loaded
+    from captioning.page import PageCaptioner, build_page, model_summary, write_examples
+
+    max_bytes = int(args.max_download_mb * 2**20)
+    captioner = PageCaptioner(args.num_captions, max_bytes, args.timeout)
+    examples = tempfile.TemporaryDirectory(prefix="caption-examples-")
+    generation = (read_json(os.path.join(args.model_path, "generation_config.json")) if local
+                  else loaded[0].generation_config.to_dict())
+    page = build_page(captioner, model_summary(args.model_path, read_json(
+        os.path.join(args.model_path, "metrics.json"))), write_examples(examples.name),
+        generation, args.max_batch_size)
+    page.queue(max_size=256)
+    # Gradio's own upload cap only guards the disk; uploads over --max_download_mb are
+    # refused by our code, with our message, so its cap sits well above ours.
+    page.launch(server_name=args.host, server_port=args.port, share=args.share,
+                max_file_size=4 * max_bytes + 2**20, footer_links=["api"], quiet=False,
+                theme=local_theme(), prevent_thread_lock=True)
+    with examples:
+        if loaded is None:
+            print("app.py: page served; loading the model (requests wait for it)",
+                  file=sys.stderr, flush=True)
+        loaded = loaded or load_model(args)
+        if isinstance(loaded, int):
+            page.close()
+            return loaded
+        model, tokenizer, processor, precision = loaded
+        # int8 scales activations per batch: batched with strangers' requests, a visitor's
+        # caption could depend on their images. One request per generate call instead.
+        captioner.attach(model, tokenizer, processor, one_request_per_call=precision == "int8")
+        if precision == "int8":
+            print("app.py: int8 captions one request per generate call", file=sys.stderr)
+        print("app.py: model loaded, captioning", file=sys.stderr, flush=True)
+        page.block_thread()
+    return 0
+
+
+def load_model(args):
+    """-> (model, tokenizer, processor, precision), or error_exit's status."""
     from captioning.captioner import load_captioner
     from captioning.cli import quiet_transformers
     from captioning.devices import cuda_capability, pick_device
-    from captioning.page import PageCaptioner, build_page, model_summary, write_examples
     from captioning.quantize import resolve_precision
 
     quiet_transformers()
@@ -86,25 +132,7 @@ def main(argv=None):
                                     f"{str(e).strip() or type(e).__name__}")
     print(f"app.py: {args.model_path} on {device}, precision {precision} ({reason})",
           file=sys.stderr)
-    if precision == "int8" and args.max_batch_size > 1:
-        # int8 scales activations per batch: batched with strangers' requests, a visitor's
-        # caption could depend on their images. One request per generate call instead.
-        print("app.py: int8 captions one request at a time (--max_batch_size 1)",
-              file=sys.stderr)
-        args.max_batch_size = 1
-    max_bytes = int(args.max_download_mb * 2**20)
-    captioner = PageCaptioner(model, tokenizer, processor, args.num_captions, max_bytes,
-                              args.timeout)
-    examples = write_examples(tempfile.mkdtemp(prefix="caption-examples-"))
-    page = build_page(captioner, model_summary(args.model_path, read_metrics(args.model_path)),
-                      examples, model.generation_config.to_dict(), args.max_batch_size)
-    page.queue(max_size=256)
-    # Gradio's own upload cap only guards the disk; uploads over --max_download_mb are
-    # refused by our code, with our message, so its cap sits well above ours.
-    page.launch(server_name=args.host, server_port=args.port, share=args.share,
-                max_file_size=4 * max_bytes + 2**20, footer_links=["api"], quiet=False,
-                theme=local_theme())
-    return 0
+    return model, tokenizer, processor, precision
 
 
 def local_theme():

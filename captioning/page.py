@@ -9,6 +9,7 @@ one batch at a time, so the model never runs two generates at the same time).
 """
 
 import os
+import threading
 
 import gradio as gr
 
@@ -46,11 +47,24 @@ def one_line(error):
 
 class PageCaptioner:
     """The page's batched event function: every input is a list (one entry per queued
-    request); returns one list per output."""
+    request); returns one list per output.
 
-    def __init__(self, model, tokenizer, processor, num_captions, max_bytes, timeout):
-        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+    app.py serves the page before the model has loaded (importing torch and transformers is
+    most of a cold start): requests that arrive first wait in `__call__` until `attach`."""
+
+    def __init__(self, num_captions, max_bytes, timeout):
         self.num_captions, self.max_bytes, self.timeout = num_captions, max_bytes, timeout
+        self.model = self.tokenizer = self.processor = None
+        self.one_request_per_call = False
+        self.ready = threading.Event()
+
+    def attach(self, model, tokenizer, processor, one_request_per_call=False):
+        """The loaded model; from now on requests are captioned. one_request_per_call: every
+        request gets its own generate call (int8 scales activations per batch, so a visitor's
+        caption would otherwise depend on the strangers' images batched with it)."""
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.one_request_per_call = one_request_per_call
+        self.ready.set()
 
     def problem(self, source, is_upload):
         if not source:
@@ -84,8 +98,11 @@ class PageCaptioner:
                 continue
             key = self.settings(beams[i], sampling[i], temperature[i], top_p[i],
                                 max_new_tokens[i])
-            groups.setdefault(key, []).append((i, source))
-        for key, items in groups.items():
+            groups.setdefault((i if self.one_request_per_call else None, key), []).append(
+                (i, source))
+        if groups:
+            self.ready.wait()
+        for (_, key), items in groups.items():
             found = caption_sources([s for _, s in items], self.model, self.tokenizer,
                                     self.processor, batch_size=len(items),
                                     workers=min(8, len(items)), timeout=self.timeout,

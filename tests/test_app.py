@@ -191,3 +191,46 @@ def test_browser_upload_captions_as_inference_does(server, expected, browser, tm
     path, caption = list(expected.items())[1]
     clear_image(browser)
     assert upload(browser, path) == (caption, "")  # the page still captions afterwards
+
+
+# ----------------------------------------------------------------------------- start-up and batching
+
+def test_model_that_fails_to_load_after_the_page_is_served_exits_with_one_line(tmp_path):
+    """app.py serves the page before the model loads; a model directory that passes the
+    up-front check (it has a config.json) but holds no weights must still end the server,
+    with one line and exit code 2, not leave a page that never captions."""
+    (tmp_path / "config.json").write_text('{"model_type": "vision-encoder-decoder"}')
+    done = subprocess.run([sys.executable, "app.py", "--model_path", str(tmp_path), "--port",
+                           str(free_port())], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                            "GRADIO_ANALYTICS_ENABLED": "False"})
+    errors = [line for line in done.stderr.splitlines() if line.startswith("app.py: error:")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(errors) == 1 and f"cannot load model from {tmp_path}" in errors[0]
+
+
+@pytest.mark.parametrize("one_request_per_call, calls", [(False, [3]), (True, [1, 1, 1])])
+def test_queued_requests_share_a_generate_call_unless_int8(monkeypatch, tmp_path,
+                                                           one_request_per_call, calls):
+    """Gradio hands the page a batch of queued requests: with the same settings they are
+    captioned in one call, but under int8 (activations scaled per batch) each request gets
+    its own, so a visitor's caption never depends on strangers' images."""
+    from captioning import page
+
+    seen = []
+
+    def fake_caption_sources(sources, *args, **kwargs):
+        seen.append(len(sources))
+        return [(s, [(f"caption of {os.path.basename(s)}", -0.5)], None) for s in sources]
+
+    monkeypatch.setattr(page, "caption_sources", fake_caption_sources)
+    captioner = page.PageCaptioner(num_captions=2, max_bytes=2**20, timeout=1)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        open(paths[-1], "wb").write(b"x")
+    captioner.attach(None, None, None, one_request_per_call=one_request_per_call)
+    captions, _, messages = captioner(paths, [3] * 3, [False] * 3, [1.0] * 3, [0.9] * 3,
+                                      [16] * 3)
+    assert seen == calls
+    assert captions == [f"caption of {i}.jpg" for i in range(3)] and messages == [""] * 3
