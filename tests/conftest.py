@@ -11,6 +11,7 @@ Nothing here touches the network.
 
 import dataclasses
 import http.server
+import json
 import os
 import signal
 import socket
@@ -130,20 +131,48 @@ PUSH_REPO = "someone/tiny-captioner"
 PUSHED = {}  # what the `trained` run's --push_to_hub handed to the Hub: repo, files
 
 
+class FakeHub(http.server.ThreadingHTTPServer):
+    """The Hub's repo-creation endpoint on 127.0.0.1 (POST /api/repos/create answers as the
+    Hub does); `created` holds the JSON bodies it was sent."""
+
+    def __init__(self):
+        self.created = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(handler):
+                body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+                if handler.path != "/api/repos/create":
+                    handler.send_error(404)
+                    return
+                self.created.append(body)
+                answer = json.dumps({"url": f"{self.url}/{body['organization']}/"
+                                            f"{body['name']}"}).encode()
+                handler.send_response(200)
+                handler.send_header("Content-Type", "application/json")
+                handler.send_header("Content-Length", str(len(answer)))
+                handler.end_headers()
+                handler.wfile.write(answer)
+
+            def log_message(handler, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="session")
 def trained(prepared, tmp_path_factory):
-    """A briefly trained model. The run also pushes to the Hub (--push_to_hub), with HfApi's
-    two network calls (create the repo, send the commit) replaced by recorders, so the push
-    costs no second training run; `pushed` holds what they were given."""
+    """A briefly trained model. The run also pushes to the Hub (--push_to_hub): the repo is
+    created through huggingface_hub's own HTTP call, against FakeHub on 127.0.0.1; only the
+    upload (create_commit) is replaced by a recorder, so the push costs no second training
+    run. `pushed` holds what the Hub was given."""
     from types import SimpleNamespace
     from unittest import mock
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
     import train
-
-    def create_repo(self, repo_id, **kwargs):
-        PUSHED["repo"] = (repo_id, kwargs)
 
     def create_commit(self, repo_id, operations, **kwargs):
         PUSHED["operations"] = {op.path_in_repo: op for op in operations}
@@ -151,20 +180,23 @@ def trained(prepared, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("train")
     out = str(base / "model")
-    with mock.patch.object(HfApi, "create_repo", create_repo), \
+    hub = FakeHub()
+    with mock.patch.object(constants, "ENDPOINT", hub.url), \
             mock.patch.object(HfApi, "create_commit", create_commit):
         rc = train.main(["--data_path", prepared, "--output_dir", out, "--epochs", "2",
                          "--batch_size", "8", "--lr", "1e-3", "--runs_dir", str(base / "runs"),
                          "--run_name", "t", "--logging_steps", "1", "--num_beams", "2",
                          "--push_to_hub", PUSH_REPO, "--quiet"])
+    hub.shutdown()
+    PUSHED["created"] = hub.created
     assert rc == 0
     return out, str(base / "runs" / "t")
 
 
 @pytest.fixture(scope="session")
 def pushed(trained):
-    """{"repo": (repo_id, kwargs), "operations": {path_in_repo: CommitOperationAdd}} from the
-    `trained` run's --push_to_hub."""
+    """{"created": [the JSON bodies FakeHub's repo creation got], "operations":
+    {path_in_repo: CommitOperationAdd}} from the `trained` run's --push_to_hub."""
     return PUSHED
 
 

@@ -124,7 +124,11 @@ def test_trained_model_has_a_card_whose_snippet_runs(trained, shapes_coco, tmp_p
 @pytest.mark.slow
 def test_push_to_hub_sends_model_tokenizer_processor_and_card_not_checkpoints(trained, pushed):
     out, _ = trained
-    assert pushed["repo"][0] == PUSH_REPO
+    owner, name = PUSH_REPO.split("/")
+    # the repo was created through huggingface_hub's own call (FakeHub saw its request)
+    assert [(c["organization"], c["name"], c.get("type")) for c in pushed["created"]] == [
+        (owner, name, "model")]
+    assert pushed["created"][0].get("visibility") != "private"  # no --hub_private
     sent = pushed["operations"]
     for name in ("config.json", "generation_config.json", "model.safetensors",
                  "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
