@@ -2,7 +2,7 @@
 under torchrun with 2 processes against 1.
 
     python bench/cpu.py [--images 8] [--images_b1 2] [--repeats 2] [--modes fp32 int8]
-                        [--threads N] [--model DIR] [--demo data/demo]
+                        [--threads 1] [--model DIR] [--demo data/demo]
 
 The full-size architecture (ViT-B/16 at 224 px + GPT-2 124M with 50,257 tokens) in local
 folders shaped like the Hub's, random weights (no network here), joined and saved the way
@@ -222,10 +222,11 @@ def main(argv=None):
     p.add_argument("--demo", default=os.path.join(ROOT, "data", "demo"),
                    help="make demo's folder: the quality rows caption its test split in each "
                         "mode (skipped when it has no model)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=int, default=1,
                    help="torch threads in each mode's worker (0: torch's default, every "
-                        "core). On a machine other jobs keep busy, 1 avoids the threads of "
-                        "one pass waiting on each other")
+                        "core). 1 by default: with the modes' workers and other jobs sharing "
+                        "the cores, a pass's threads wait on each other (2 threads under "
+                        "load ran 10x slower than 1), which distorts the ratios")
     p.add_argument("--model", help="a captioner folder this bench built before (its full-size "
                                    "random-weight model), instead of building one")
     p.add_argument("--mode", help=argparse.SUPPRESS)
