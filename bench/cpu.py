@@ -21,7 +21,7 @@ model's size in memory.
 
 bf16 is not in the default modes: on a CPU without native bf16 (no AVX512-BF16 or AMX, such
 as the AVX2-only AMD EPYC this was written on) its matrix multiplies are emulated, and the
-encoder alone ran 6-10x slower than fp32, so a default run with it would take most of its
+encoder alone ran 5-10x slower than fp32, so a default run with it would take most of its
 time in bf16 at batch 8. `--modes fp32 bf16 int8` adds it (every mode does the same work).
 
 The quality rows: make demo's model captions its test split in each mode; the share of
@@ -216,7 +216,7 @@ def main(argv=None):
                    choices=["fp32", "bf16", "int8"],
                    help="precision modes, in this order; ratios are to the first. bf16 is not "
                         "a default: without native bf16 (AVX512-BF16/AMX) it is emulated, "
-                        "6-10x slower than fp32, and would make most of a default run")
+                        "5-10x slower than fp32, and would make most of a default run")
     p.add_argument("--ratio_images", type=int, default=48,
                    help="images for the torchrun 2-vs-1-process row (0: skip it)")
     p.add_argument("--demo", default=os.path.join(ROOT, "data", "demo"),
@@ -226,7 +226,7 @@ def main(argv=None):
                    help="torch threads in each mode's worker (0: torch's default, every "
                         "core). 1 by default: with the modes' workers and other jobs sharing "
                         "the cores, a pass's threads wait on each other (2 threads under "
-                        "load ran 10x slower than 1), which distorts the ratios")
+                        "load ran 4-20x slower than 1), which distorts the ratios")
     p.add_argument("--model", help="a captioner folder this bench built before (its full-size "
                                    "random-weight model), instead of building one")
     p.add_argument("--mode", help=argparse.SUPPRESS)

@@ -7,7 +7,7 @@ module reuses it for GPUs and adds the CPU modes.
     fp16  GPUs older than Ampere only, picked by auto the way training picks it
     int8  dynamic quantization of every linear layer of encoder and decoder (CPU only):
           int8 weights with one scale per output channel, activations quantized per batch
-          on the fly
+          on the fly; oneDNN's kernel for the many-row layers, fbgemm's for the rest
 """
 
 from .devices import choose_precision
