@@ -1,17 +1,28 @@
 """Captioning on the CPU in each --precision mode, side by side in one run, and inference.py
 under torchrun with 2 processes against 1.
 
-    python bench/cpu.py [--images 8] [--images_b1 2] [--repeats 1] [--modes fp32 bf16 int8]
-                        [--demo data/demo]
+    python bench/cpu.py [--images 8] [--images_b1 2] [--repeats 2] [--modes fp32 int8]
+                        [--threads 1] [--model DIR] [--demo data/demo]
 
 The full-size architecture (ViT-B/16 at 224 px + GPT-2 124M with 50,257 tokens) in local
 folders shaped like the Hub's, random weights (no network here), joined and saved the way
 train.py saves a model, then loaded through inference.py's path (captioner.load_captioner,
-caption_pixels). Each mode runs in its own process (so that its peak RSS is its own) and does
-the same work: one warm-up generate (1 image, 2 tokens), then the best of --repeats passes
-over --images_b1 images at batch 1 and over --images images at batch 8, beam 3, exactly 16
-new tokens (min_new_tokens = max_new_tokens, so no mode stops early). Reports images/s, the
-ratio to fp32, peak RSS and the model's size in memory.
+caption_pixels). Beam 3, exactly 16 new tokens (min_new_tokens = max_new_tokens, so no mode
+stops early).
+
+Fair on a shared machine: each mode runs in its own process (so that its peak RSS is its
+own), and all of them are alive at once. Each loads the model and makes one warm-up generate
+(1 image, 2 tokens); then the timed passes run round-robin, one mode at a time: repeat 1 is
+every mode over --images_b1 images at batch 1, then every mode over --images images at batch
+8; repeat 2 the same; and so on. A change in the machine's load therefore hits every mode
+alike, and each mode's figure is its best of --repeats. Every timed pass prints the load
+average when it ended. Reports images/s, the ratio to the first mode (fp32), peak RSS and the
+model's size in memory.
+
+bf16 is not in the default modes: on a CPU without native bf16 (no AVX512-BF16 or AMX, such
+as the AVX2-only AMD EPYC this was written on) its matrix multiplies are emulated, and the
+encoder alone ran 5-10x slower than fp32, so a default run with it would take most of its
+time in bf16 at batch 8. `--modes fp32 bf16 int8` adds it (every mode does the same work).
 
 The quality rows: make demo's model captions its test split in each mode; the share of
 captions identical to fp32's and test CIDEr against fp32's (Python PTB tokeniser on every side).
@@ -59,7 +70,9 @@ def build_full_size(folder):
 
 
 def worker(args):
-    """One mode: -> one JSON line."""
+    """One mode, in its own process: load and warm up, say so, then run each pass the parent
+    asks for on stdin ({"batch": b, "count": n}) and answer its seconds; on end of input,
+    answer the peak RSS. Replies are the stdout lines that start with @@."""
     import resource
 
     import numpy as np
@@ -68,24 +81,84 @@ def worker(args):
     from captioning.captioner import caption_pixels, load_captioner
     from captioning.quantize import model_bytes
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    began = time.perf_counter()
     model, tokenizer, processor = load_captioner(args.model, "cpu", args.mode)
     size = model_bytes(model)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (max(args.images, args.images_b1), 3, 224, 224), np.uint8)
     caption_pixels(pixels[:1], model, tokenizer, processor, num_beams=3, min_new_tokens=2,
                    max_new_tokens=2)  # warm-up: first-call allocations, quantized kernels
-    result = {"mode": args.mode, "threads": torch.get_num_threads(), "model_mb": size / 2**20}
-    for batch, count in ((1, args.images_b1), (8, args.images)):
-        best = None
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            for first in range(0, count, batch):
-                caption_pixels(pixels[first:first + batch], model, tokenizer, processor,
-                               **GENERATE)
-            best = min(best or 1e9, time.perf_counter() - start)
-        result[f"b{batch}"] = count / best
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(result), flush=True)
+    _reply({"mode": args.mode, "threads": torch.get_num_threads(), "model_mb": size / 2**20,
+            "ready_s": time.perf_counter() - began})
+    for line in sys.stdin:
+        ask = json.loads(line)
+        batch, count = ask["batch"], ask["count"]
+        start = time.perf_counter()
+        for first in range(0, count, batch):
+            caption_pixels(pixels[first:first + batch], model, tokenizer, processor, **GENERATE)
+        _reply({"seconds": time.perf_counter() - start})
+    _reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def _reply(obj):
+    print("@@" + json.dumps(obj), flush=True)
+
+
+class Worker:
+    """The parent's handle on one mode's worker process."""
+
+    def __init__(self, mode, model, args):
+        self.mode = mode
+        self.p = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--mode", mode, "--model", model,
+             "--images", str(args.images), "--images_b1", str(args.images_b1),
+             "--threads", str(args.threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def read(self):
+        for line in self.p.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise RuntimeError(f"bench/cpu.py worker for {self.mode} died (rc {self.p.wait()})")
+
+    def run(self, batch, count):
+        self.p.stdin.write(json.dumps({"batch": batch, "count": count}) + "\n")
+        self.p.stdin.flush()
+        return self.read()["seconds"]
+
+    def finish(self):
+        self.p.stdin.close()
+        peak = self.read()["peak_rss_mb"]
+        self.p.wait()
+        return peak
+
+
+def timed_rows(model, args):
+    """All modes' workers alive at once, loaded and warmed up; then the timed passes
+    round-robin (repeat 1: every mode at batch 1, then every mode at batch 8; repeat 2: ...),
+    so a change in the machine's load hits every mode alike. -> one row per mode."""
+    workers = [Worker(mode, model, args) for mode in args.modes]
+    try:
+        rows = []
+        for w in workers:  # the workers load in parallel; this waits for each in turn
+            rows.append(w.read())
+            print(f"  {w.mode}: loaded + warmed up in {rows[-1]['ready_s']:.0f} s", flush=True)
+        for rep in range(1, args.repeats + 1):
+            for batch, count in ((1, args.images_b1), (8, args.images)):
+                for w, row in zip(workers, rows):
+                    seconds = w.run(batch, count)
+                    row[f"b{batch}"] = max(row.get(f"b{batch}", 0), count / seconds)
+                    print(f"  repeat {rep} batch {batch} {w.mode:>5}: {count / seconds:.3f} "
+                          f"img/s (load average {os.getloadavg()[0]:.1f})", flush=True)
+        for w, row in zip(workers, rows):
+            row["peak_rss_mb"] = w.finish()
+        return rows
+    finally:
+        for w in workers:
+            if w.p.poll() is None:
+                w.p.kill()
 
 
 def torchrun_ratio(folder, images):
@@ -132,19 +205,31 @@ def _free_port():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=8, help="images captioned at batch 8")
     p.add_argument("--images_b1", type=int, default=2, help="images captioned at batch 1")
-    p.add_argument("--repeats", type=int, default=1, help="timed passes per batch size (best)")
-    p.add_argument("--modes", nargs="+", default=["fp32", "bf16", "int8"],
-                   choices=["fp32", "bf16", "int8"], help="precision modes, in this order")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed passes per batch size and mode, run round-robin (best of)")
+    p.add_argument("--modes", nargs="+", default=["fp32", "int8"],
+                   choices=["fp32", "bf16", "int8"],
+                   help="precision modes, in this order; ratios are to the first. bf16 is not "
+                        "a default: without native bf16 (AVX512-BF16/AMX) it is emulated, "
+                        "5-10x slower than fp32, and would make most of a default run")
     p.add_argument("--ratio_images", type=int, default=48,
                    help="images for the torchrun 2-vs-1-process row (0: skip it)")
     p.add_argument("--demo", default=os.path.join(ROOT, "data", "demo"),
                    help="make demo's folder: the quality rows caption its test split in each "
                         "mode (skipped when it has no model)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in each mode's worker (0: torch's default, every "
+                        "core). 1 by default: with the modes' workers and other jobs sharing "
+                        "the cores, a pass's threads wait on each other (2 threads under "
+                        "load ran 4-20x slower than 1), which distorts the ratios")
+    p.add_argument("--model", help="a captioner folder this bench built before (its full-size "
+                                   "random-weight model), instead of building one")
     p.add_argument("--mode", help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.mode:
         return worker(args)
@@ -155,24 +240,18 @@ def main(argv=None):
     quiet_transformers()
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_full_size(tmp)
+        model = args.model or build_full_size(tmp)
         print(f"full-size ViT-B/16 + GPT-2 124M, random weights; beam 3, 16 new tokens; "
               f"batch 1: {args.images_b1} images, batch 8: {args.images} images; "
-              f"best of {args.repeats}", flush=True)
-        rows = []
-        for mode in args.modes:
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--mode", mode,
-                                  "--model", model, "--images", str(args.images),
-                                  "--images_b1", str(args.images_b1),
-                                  "--repeats", str(args.repeats)],
-                                 check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            r = rows[-1]
-            base = rows[0]
-            print(f"{mode:>5}: batch 1 {r['b1']:.3f} img/s ({r['b1'] / base['b1']:.2f}x fp32), "
-                  f"batch 8 {r['b8']:.3f} img/s ({r['b8'] / base['b8']:.2f}x fp32), "
-                  f"peak RSS {r['peak_rss_mb']:,.0f} MB, model {r['model_mb']:,.0f} MB, "
-                  f"{r['threads']} threads", flush=True)
+              f"best of {args.repeats}, modes round-robin; {os.cpu_count()} CPUs, load "
+              f"average at start {os.getloadavg()[0]:.1f}", flush=True)
+        rows = timed_rows(model, args)
+        base = rows[0]
+        for r in rows:
+            print(f"{r['mode']:>5}: batch 1 {r['b1']:.3f} img/s ({r['b1'] / base['b1']:.2f}x "
+                  f"{base['mode']}), batch 8 {r['b8']:.3f} img/s ({r['b8'] / base['b8']:.2f}x "
+                  f"{base['mode']}), peak RSS {r['peak_rss_mb']:,.0f} MB, model "
+                  f"{r['model_mb']:,.0f} MB, {r['threads']} threads", flush=True)
         if args.ratio_images:
             t1, t2 = torchrun_ratio(tmp, args.ratio_images)
             print(f"inference.py on {args.ratio_images} images, tiny model: 1 process "

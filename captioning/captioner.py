@@ -14,6 +14,7 @@ import numpy as np
 from .devices import pick_device
 from .fetch import DEFAULT_MAX_DOWNLOAD_MB, Client, FetchError, is_url, looks_like_html
 from .images import load_uint8, normalize_pixels, processor_resample, processor_size
+from .beamshare import share_cross_attention_over_beams
 from .quantize import apply_precision
 from .modeling import (decode_captions, fill_generation_ids, load_image_processor,
                        load_tokenizer, through_first_eos)
@@ -83,7 +84,9 @@ def load_captioner(model_path, device="auto", precision="fp32"):
     from transformers import VisionEncoderDecoderModel
 
     model = VisionEncoderDecoderModel.from_pretrained(model_path).to(pick_device(device)).eval()
-    model = apply_precision(model, precision)
+    # Every mode: GPT-2's cross-attention keys/values once per image, not per beam, and never
+    # reordered (captioning/beamshare.py says what that saves; the same captions).
+    model = apply_precision(share_cross_attention_over_beams(model), precision)
     tokenizer = load_tokenizer(model_path)
     return fill_generation_ids(model, tokenizer), tokenizer, load_image_processor(model_path)
 

@@ -81,6 +81,33 @@ def test_int8_round_trip_quantizes_both_halves_and_keeps_eos_handling(tiny):
     assert captions == decode_captions(out, tiny.tokenizer)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_cross_attention_shared_over_beams_gives_the_same_generation(tiny, precision):
+    """captioning/beamshare.py (load_captioner sets it in every mode): the same ids and beam
+    scores as transformers' own cross-attention, for beam search, return sequences and
+    greedy, with two identical images in the batch; the state dict's keys unchanged."""
+    from captioning.beamshare import share_cross_attention_over_beams
+    from captioning.images import normalize_pixels
+
+    base = tiny.model().eval()
+    if precision == "int8":
+        base = quantize_int8(base)
+    shared = share_cross_attention_over_beams(copy.deepcopy(base))
+    assert list(shared.state_dict()) == list(base.state_dict())
+    pixels = _batch(tiny, 4)
+    pixels[1] = pixels[0]
+    norm = normalize_pixels(pixels, tiny.processor)
+    for kw in (dict(num_beams=3, max_new_tokens=8, num_return_sequences=2),
+               dict(num_beams=3, max_new_tokens=8, min_new_tokens=8),
+               dict(num_beams=1, max_new_tokens=6)):
+        with torch.inference_mode():
+            ref, out = (m.generate(pixel_values=norm, return_dict_in_generate=True,
+                                   output_scores=True, **kw) for m in (base, shared))
+        assert torch.equal(ref.sequences, out.sequences), kw
+        if kw["num_beams"] > 1:
+            assert torch.allclose(ref.sequences_scores, out.sequences_scores, atol=1e-5), kw
+
+
 def test_bf16_weights_compute_the_fp32_function_and_caption(tiny):
     fp32 = tiny.model().eval()
     model = apply_precision(copy.deepcopy(fp32), "bf16")
