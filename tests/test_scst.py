@@ -15,7 +15,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import train
 from captioning import scst, shapes
-from captioning.cider import CACHE_NAME, CiderD, document_frequency
+from captioning.cider import CACHE_NAME, CiderD, document_frequency, ngram_counts
 from captioning.modeling import through_first_eos
 from conftest import ROOT, free_port, run_until_file_then_sigkill
 
@@ -60,6 +60,10 @@ def test_cider_d_equals_pycocoevalcap_on_shared_document_frequencies():
         got = [ours.score(h, t) for h, t in zip(hyps, tables)]
         assert max(theirs) > 1.0 and min(theirs) == 0.0  # the corpus spans the range
         np.testing.assert_allclose(got, theirs, rtol=0, atol=1e-6)
+    # Candidates' unseen n-grams ("zebra") were scored, but the idf cache holds only the
+    # references' n-grams: it cannot grow with what a model samples.
+    assert any(g not in ours.df for h in hyps for g in ngram_counts(h.split()))
+    assert ours._idf and set(ours._idf) <= set(ours.df)
 
 
 def _reward(tmp_path, captions, name="cache"):
@@ -117,8 +121,7 @@ def test_sample_mask_keeps_tokens_through_the_first_eos():
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_policy_gradient_moves_a_sample_with_its_advantage(tiny, sign):
     """One SGD step on the SCST loss: a sampled caption whose reward beats its baseline
-    (advantage > 0) becomes more likely, one below it less likely; a second caption of the
-    same image with zero advantage moves less than the first."""
+    (advantage > 0) becomes more likely, one below it less likely."""
     model = tiny.model()
     model.train()
     pixels = torch.randn(1, 3, 64, 64)
@@ -354,6 +357,11 @@ def test_scst_sigkill_then_resume_finishes(prepared, trained, tmp_path):
 
 @pytest.mark.slow
 def test_scst_under_torchrun_two_processes(prepared, trained, tmp_path):
+    """torchrun x2 with the greedy baseline: both steps log finite SCST statistics (loss,
+    reward, baseline, length, EOS share in range) and the saved model is trained: its
+    decoder differs from the init model's."""
+    from safetensors.torch import load_file
+
     init, _ = trained
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -367,4 +375,16 @@ def test_scst_under_torchrun_two_processes(prepared, trained, tmp_path):
     assert r.stdout.count("test predictions written to") == 1
     m = json.load(open(out / "metrics.json"))
     assert m["train"]["global_step"] == 2 and "cider" in m["test"]
-    assert any("scst_reward" in e for e in m["log_history"])
+    steps = [e for e in m["log_history"] if "scst_reward" in e]
+    assert [e["step"] for e in steps] == [1, 2]
+    for e in steps:
+        values = [e[k] for k in ("loss", "grad_norm", "scst_reward", "scst_baseline",
+                                 "scst_sample_length", "scst_eos_share")]
+        assert all(np.isfinite(values)), e
+        assert 0 <= e["scst_eos_share"] <= 1 and e["scst_sample_length"] >= 1
+        assert e["scst_reward"] >= 0 and e["grad_norm"] > 0
+    before = load_file(os.path.join(init, "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("decoder.") for k in changed), changed
