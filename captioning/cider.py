@@ -59,10 +59,14 @@ class CiderD:
         self._idf = {}
 
     def idf(self, gram):
-        # An n-gram never seen in the references counts as seen once (df 1: log 1 = 0).
+        # Kept only for n-grams of the references, so the cache never outgrows `df`; an
+        # n-gram never seen there counts as seen once (df 1: log 1 = 0), not stored.
         value = self._idf.get(gram)
         if value is None:
-            value = self._idf[gram] = self.ref_len - math.log(max(1.0, self.df.get(gram, 0.0)))
+            count = self.df.get(gram)
+            if count is None:
+                return self.ref_len
+            value = self._idf[gram] = self.ref_len - math.log(max(1.0, count))
         return value
 
     def _vector(self, words):
