@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -51,6 +52,24 @@ def run_until_file_then_sigkill(cmd, path, timeout=300):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def run_train(data, out, runs_dir, *extra, nproc=1, check=True):
+    """train.py as a subprocess on `data` into `out` (under torchrun with nproc > 1, one
+    thread per process), greedy captions, no previews, a loss logged every step; `extra`
+    comes last, so it may override these. -> the CompletedProcess; with check, exit 0."""
+    cmd = [os.path.join(ROOT, "train.py"), "--data_path", str(data), "--output_dir", str(out),
+           "--runs_dir", str(runs_dir), "--num_beams", "1", "--num_preview_images", "0",
+           "--logging_steps", "1", "--quiet", *extra]
+    if nproc > 1:
+        cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=900,
+                       env=env)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def free_port():
@@ -135,7 +154,6 @@ def trained(prepared, tmp_path_factory):
     """A briefly trained model. The run also pushes to the Hub (--push_to_hub), with HfApi's
     two network calls (create the repo, send the commit) replaced by recorders, so the push
     costs no second training run; `pushed` holds what they were given."""
-    from types import SimpleNamespace
     from unittest import mock
 
     from huggingface_hub import HfApi
@@ -166,6 +184,30 @@ def pushed(trained):
     """{"repo": (repo_id, kwargs), "operations": {path_in_repo: CommitOperationAdd}} from the
     `trained` run's --push_to_hub."""
     return PUSHED
+
+
+@pytest.fixture(scope="session")
+def split_runs(prepared, tmp_path_factory):
+    """Three short train.py runs (subprocesses) over one effective batch of 8 images, with a
+    negligible learning rate so that all of them evaluate the initial weights:
+    `one`, 1 process at batch 8, 2 steps; `ddp`, torchrun with 2 processes at batch 4, 2
+    steps; `acc`, batch 4 with 2 accumulation steps, 1 step. One and ddp evaluate with
+    batches of 3 (ragged shards) and write previews. `ddp_stdout` is ddp's stdout, `runs`
+    the TensorBoard root (runs/one, runs/ddp). Shared by test_training_invariants.py (the
+    loss under a batch split, sharded evaluation) and test_resume.py (torchrun writes its
+    outputs once), instead of each training its own."""
+    base = tmp_path_factory.mktemp("split_runs")
+    runs = base / "runs"
+    common = ("--lr", "1e-12", "--num_preview_images", "8")
+    shared = (*common, "--max_steps", "2", "--save_steps", "2", "--eval_batch_size", "3")
+    run_train(prepared, base / "one", runs, *shared, "--batch_size", "8", "--run_name", "one")
+    ddp = run_train(prepared, base / "ddp", runs, *shared, "--batch_size", "4",
+                    "--run_name", "ddp", nproc=2)
+    run_train(prepared, base / "acc", runs, *common, "--max_steps", "1", "--save_steps", "1",
+              "--max_eval_samples", "2", "--batch_size", "4",
+              "--gradient_accumulation_steps", "2", "--run_name", "acc")
+    return SimpleNamespace(one=base / "one", ddp=base / "ddp", acc=base / "acc",
+                           ddp_stdout=ddp.stdout, runs=runs)
 
 
 @pytest.fixture(scope="session")
