@@ -37,6 +37,7 @@ from captioning.model_card import write_card
 from captioning.modeling import (DEFAULT_NUM_BEAMS, build_model, load_image_processor,
                                  load_tokenizer)
 from captioning.store import SPLITS, Manifest, load_split, write_json
+from captioning.scoring import SKIP_METEOR_ENV, meteor_skipped
 from metrics import METRIC_NAMES, TABLE_METRICS, compute_caption_metrics, java_available
 
 
@@ -138,6 +139,8 @@ def parse_args(argv):
         p.error("--epochs must be positive (or give --max_steps)")
     if args.metric_for_best_model == "meteor" and not java_available():
         p.error("--metric_for_best_model meteor needs Java, which is not installed")
+    if args.metric_for_best_model == "meteor" and meteor_skipped():
+        p.error(f"--metric_for_best_model meteor: {SKIP_METEOR_ENV}=1 leaves METEOR out")
     if args.lr is None:
         args.lr = 1e-5 if args.scst else 5e-5  # SCST from a CE model diverges at CE's rates
     if args.scst:

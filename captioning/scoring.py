@@ -11,6 +11,12 @@ Scores are fractions in [0, 1] except CIDEr, which is on its usual 0-10 scale.
 
 Without Java a Python tokeniser that follows the PTB tokeniser's rules stands in and METEOR
 is left out, with one warning line. SPICE needs a download and is never computed.
+
+Environment: CAPTIONING_SKIP_METEOR=1 leaves METEOR out even where Java is installed, with
+one warning line; everything else is scored as usual (the PTB tokeniser still runs in Java).
+METEOR's Java process takes ~7 s and up to 2 GB to start, once per Python process, which
+dominates short runs (a smoke test of train.py, the test suite's resume and SCST runs, whose
+checks don't involve METEOR). train.py refuses --metric_for_best_model meteor under it.
 """
 
 import atexit
@@ -32,6 +38,14 @@ TABLE_METRICS = ("bleu1", "bleu4", "meteor", "rougeL", "rouge2", "cider")
 
 def java_available():
     return shutil.which("java") is not None
+
+
+SKIP_METEOR_ENV = "CAPTIONING_SKIP_METEOR"
+
+
+def meteor_skipped():
+    """True when the environment asks to leave METEOR out (CAPTIONING_SKIP_METEOR=1)."""
+    return os.environ.get(SKIP_METEOR_ENV, "") == "1"
 
 
 def _pycocoevalcap_dir(sub):
@@ -154,6 +168,8 @@ def compute_caption_metrics(predictions, references, use_java=None):
     if not use_java:
         print(f"metrics: {why}, using the Python PTB tokeniser and leaving out METEOR",
               file=sys.stderr)
+    elif meteor_skipped():
+        print(f"metrics: {SKIP_METEOR_ENV}=1, leaving out METEOR", file=sys.stderr)
 
     flat = list(predictions) + [r for refs in references for r in refs]
     tokens = ptb_tokenize(flat, use_java)
@@ -165,7 +181,7 @@ def compute_caption_metrics(predictions, references, use_java=None):
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}
-    if use_java:
+    if use_java and not meteor_skipped():
         scores["meteor"] = _meteor(gts, res)
     # pycocoevalcap's ROUGE-L divides by the hypothesis length, so an empty caption would
     # raise ZeroDivisionError; its score is 0 by definition.

@@ -260,7 +260,7 @@ class CaptionTrainer(Seq2SeqTrainer):
         # accelerate's set_epoch does not reach the sampler through the wrappers that
         # skip_first_batches and BatchSamplerShard add under torchrun, so a resumed epoch would
         # replay epoch 0's order and captions. Guarded by
-        # tests/test_training_invariants.py::test_torchrun_resume_mid_epoch_is_exact.
+        # tests/test_training_invariants.py::test_resume_mid_epoch_is_exact[0-2].
         if self._epoch_sampler is not None:
             self._epoch_sampler.set_epoch(epoch)
         return super()._run_epoch(*args, epoch=epoch, **kwargs)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -40,11 +41,12 @@ def pytest_configure(config):
                                        "works around; it fails when upstream fixes the bug")
 
 
-def run_until_file_then_sigkill(cmd, path, timeout=300):
-    """Start `cmd` in its own process group, SIGKILL the group as soon as `path` exists (a
-    crash mid-run), and fail with the tail of its stderr if it ends or stalls before."""
+def run_until_file_then_sigkill(cmd, path, timeout=300, env=None):
+    """Start `cmd` in its own process group (with `env`, default: this one's), SIGKILL the
+    group as soon as `path` exists (a crash mid-run), and fail with the tail of its stderr
+    if it ends or stalls before."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     deadline = time.time() + timeout
     while not os.path.isfile(path):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -52,6 +54,35 @@ def run_until_file_then_sigkill(cmd, path, timeout=300):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# Subprocesses whose checks don't involve METEOR run with this environment: METEOR's Java
+# start (~7 s a process) is left out, every other score is computed (captioning/scoring.py).
+# The metric tests, the `trained` fixture and the runs that compare metrics keep METEOR.
+NO_METEOR = {"CAPTIONING_SKIP_METEOR": "1"}
+
+
+def pytest_sessionstart(session):
+    os.environ.pop("CAPTIONING_SKIP_METEOR", None)  # only where a test asks for it
+
+
+def run_train(data, out, runs_dir, *extra, nproc=1, check=True, meteor=True):
+    """train.py as a subprocess on `data` into `out` (under torchrun with nproc > 1, one
+    thread per process), greedy captions, no previews, a loss logged every step; `extra`
+    comes last, so it may override these. meteor=False: CAPTIONING_SKIP_METEOR=1, for runs
+    whose checks don't involve METEOR. -> the CompletedProcess; with check, exit 0."""
+    cmd = [os.path.join(ROOT, "train.py"), "--data_path", str(data), "--output_dir", str(out),
+           "--runs_dir", str(runs_dir), "--num_beams", "1", "--num_preview_images", "0",
+           "--logging_steps", "1", "--quiet", *extra]
+    if nproc > 1:
+        cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if meteor else NO_METEOR)}
+    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=900,
+                       env=env)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def free_port():
@@ -198,6 +229,31 @@ def pushed(trained):
     """{"created": [the JSON bodies FakeHub's repo creation got], "operations":
     {path_in_repo: CommitOperationAdd}} from the `trained` run's --push_to_hub."""
     return PUSHED
+
+
+@pytest.fixture(scope="session")
+def split_runs(prepared, tmp_path_factory):
+    """Three short train.py runs (subprocesses) over one effective batch of 8 images, with a
+    negligible learning rate so that all of them evaluate the initial weights:
+    `one`, 1 process at batch 8, 2 steps; `ddp`, torchrun with 2 processes at batch 4, 2
+    steps; `acc`, batch 4 with 2 accumulation steps, 1 step (only its logged first step is
+    checked: no METEOR). One and ddp evaluate with batches of 3 (ragged shards), with
+    METEOR, and write previews. `ddp_stdout` is ddp's stdout, `runs`
+    the TensorBoard root (runs/one, runs/ddp). Shared by test_training_invariants.py (the
+    loss under a batch split, sharded evaluation) and test_resume.py (torchrun writes its
+    outputs once), instead of each training its own."""
+    base = tmp_path_factory.mktemp("split_runs")
+    runs = base / "runs"
+    common = ("--lr", "1e-12", "--num_preview_images", "8")
+    shared = (*common, "--max_steps", "2", "--save_steps", "2", "--eval_batch_size", "3")
+    run_train(prepared, base / "one", runs, *shared, "--batch_size", "8", "--run_name", "one")
+    ddp = run_train(prepared, base / "ddp", runs, *shared, "--batch_size", "4",
+                    "--run_name", "ddp", nproc=2)
+    run_train(prepared, base / "acc", runs, *common, "--max_steps", "1", "--save_steps", "1",
+              "--max_eval_samples", "2", "--batch_size", "4",
+              "--gradient_accumulation_steps", "2", "--run_name", "acc", meteor=False)
+    return SimpleNamespace(one=base / "one", ddp=base / "ddp", acc=base / "acc",
+                           ddp_stdout=ddp.stdout, runs=runs)
 
 
 @pytest.fixture(scope="session")

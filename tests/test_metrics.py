@@ -79,6 +79,34 @@ def test_without_java_within_one_percent(monkeypatch, capsys):
             assert scores[key] == pytest.approx(with_java[key], rel=0.01, abs=1e-9), key
 
 
+@slow
+@java
+def test_skip_meteor_env_leaves_out_meteor_only(monkeypatch, capsys):
+    """CAPTIONING_SKIP_METEOR=1 (captioning/scoring.py's docstring): no METEOR, one warning
+    line, and every other score as with METEOR (the Java PTB tokeniser still runs)."""
+    monkeypatch.delenv("CAPTIONING_SKIP_METEOR", raising=False)
+    full = metrics.compute_caption_metrics(PREDICTIONS, REFERENCES)
+    assert "meteor" in full
+    capsys.readouterr()
+    monkeypatch.setenv("CAPTIONING_SKIP_METEOR", "1")
+    scores = metrics.compute_caption_metrics(PREDICTIONS, REFERENCES)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert set(scores) == set(metrics.METRIC_NAMES) - {"meteor"}
+    assert err == ["metrics: CAPTIONING_SKIP_METEOR=1, leaving out METEOR"]
+    for key, value in scores.items():
+        assert value == full[key], key
+
+
+def test_skip_meteor_env_refuses_meteor_as_the_best_model_metric(monkeypatch, capsys):
+    import train
+
+    monkeypatch.setenv("CAPTIONING_SKIP_METEOR", "1")
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--metric_for_best_model", "meteor"])
+    assert e.value.code == 2 and "CAPTIONING_SKIP_METEOR=1" in capsys.readouterr().err
+    assert train.parse_args(["--metric_for_best_model", "cider"]).metric_for_best_model == "cider"
+
+
 def test_all_references_count():
     """A caption that matches the *second* reference is perfect; an earlier take scored each
     prediction against one reference only."""

@@ -17,7 +17,7 @@ import train
 from captioning import scst, shapes
 from captioning.cider import CACHE_NAME, CiderD, document_frequency, ngram_counts
 from captioning.modeling import through_first_eos
-from conftest import ROOT, free_port, run_until_file_then_sigkill
+from conftest import NO_METEOR, ROOT, free_port, run_until_file_then_sigkill
 
 
 def _corpus(seed=0, images=60):
@@ -341,9 +341,11 @@ def test_scst_sigkill_then_resume_finishes(prepared, trained, tmp_path):
     out = tmp_path / "scst"
     cmd = [sys.executable, *_scst_cmd(prepared, init, out, tmp_path, "--max_steps", "4",
                                       "--save_steps", "2", "--scst_samples", "3")]
-    run_until_file_then_sigkill(cmd, out / "checkpoint-2" / "trainer_state.json")
+    env = {**os.environ, **NO_METEOR}  # CIDEr is checked, METEOR not: its Java start saved
+    run_until_file_then_sigkill(cmd, out / "checkpoint-2" / "trainer_state.json", env=env)
     assert not (out / "metrics.json").exists()
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600,
+                       env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed weights from" in r.stderr
     m = json.load(open(out / "metrics.json"))
@@ -364,7 +366,7 @@ def test_scst_under_torchrun_two_processes(prepared, trained, tmp_path):
 
     init, _ = trained
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **NO_METEOR}  # CIDEr is checked, not METEOR
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(free_port()),
                         *_scst_cmd(prepared, init, out, tmp_path, "--max_steps", "2",
