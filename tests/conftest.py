@@ -198,7 +198,6 @@ def trained(prepared, tmp_path_factory):
     created through huggingface_hub's own HTTP call, against FakeHub on 127.0.0.1; only the
     upload (create_commit) is replaced by a recorder, so the push costs no second training
     run. `pushed` holds what the Hub was given."""
-    from types import SimpleNamespace
     from unittest import mock
 
     from huggingface_hub import HfApi, constants
