@@ -84,7 +84,9 @@ def main(argv=None):
     max_bytes = int(args.max_download_mb * 2**20)
     captioner = PageCaptioner(args.num_captions, max_bytes, args.timeout)
     examples = tempfile.TemporaryDirectory(prefix="caption-examples-")
-    generation = (read_json(os.path.join(args.model_path, "generation_config.json")) if local
+    # The page's defaults: generation_config.json, or (older captioners) config.json.
+    generation = (read_json(os.path.join(args.model_path, "generation_config.json"))
+                  or read_json(os.path.join(args.model_path, "config.json")) if local
                   else loaded[0].generation_config.to_dict())
     page = build_page(captioner, model_summary(args.model_path, read_json(
         os.path.join(args.model_path, "metrics.json"))), write_examples(examples.name),

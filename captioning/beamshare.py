@@ -15,10 +15,14 @@ shared_cross_attention (set as the cross-attention modules' forward, so that the
 keys stay as they are) does the same arithmetic once per image: keys/values of the distinct
 encoder rows only, kept contiguous on the cache object itself (outside the layers that
 reorder_cache touches), and each image's beams' queries attend to them together. The same
-captions as before (tests/test_inference.py compares the generated ids with and without it);
+captions as before (tests/test_quantize.py compares the generated ids with and without it);
 int8 quantizes c_attn's input with the same per-tensor range (the copies add no new values).
 Anything else (training, an encoder attention mask, attention weights asked for, GPT-2's fp16
 upcast path) goes to the original module unchanged.
+
+The override is a bound method on each module instance: save_pretrained and deepcopy are
+unaffected, but a whole model pickled with torch.save does not load back (load the saved
+directory with load_captioner instead).
 """
 
 import math
@@ -44,15 +48,20 @@ def shared_cross_attention(inner, hidden_states, cache=None, attention_mask=None
                                    output_attentions=output_attentions, **kwargs)
     store = cache.__dict__.setdefault(_STORE, {})
     rows, length, width = hidden_states.shape
-    if inner.layer_idx not in store or store[inner.layer_idx][0].shape[0] * \
-            store[inner.layer_idx][2] != rows:  # new, or not the batch they were made for
+    # Keyed by shape, not by tensor identity: with an enc_to_dec_proj (encoder and decoder
+    # widths differ) the encoder states are a new tensor at every step. generate makes a new
+    # cache for every call; a cache object passed by hand to two calls with the same shapes
+    # would reuse the first call's keys/values.
+    made_for = tuple(encoder_hidden_states.shape)
+    if inner.layer_idx not in store or store[inner.layer_idx][3] != made_for:
         group = _group_size(encoder_hidden_states)
         keys, values = inner.c_attn(encoder_hidden_states[::group].contiguous()).split(
             inner.split_size, dim=2)
         shape = (*keys.shape[:-1], inner.num_heads, inner.head_dim)  # (B, S, H, d)
         store[inner.layer_idx] = (keys.view(shape).transpose(1, 2).contiguous(),
-                                  values.view(shape).transpose(1, 2).contiguous(), group)
-    keys, values, group = store[inner.layer_idx]
+                                  values.view(shape).transpose(1, 2).contiguous(), group,
+                                  made_for)
+    keys, values, group, _ = store[inner.layer_idx]
     images = keys.shape[0]
     heads, dim = inner.num_heads, inner.head_dim
     # (B*g, L, H*d) -> (B, H, g*L, d): an image's beams are consecutive rows, and

@@ -88,6 +88,9 @@ class PageCaptioner:
 
     def __call__(self, sources, beams, sampling, temperature, top_p, max_new_tokens,
                  is_upload=True):
+        # Before grouping: whether requests may share a generate call is known only once
+        # the model is attached (int8 or not).
+        self.ready.wait()
         results = [("", [], "")] * len(sources)
         groups = {}  # requests with the same settings share one generate call
         for i, source in enumerate(sources):
@@ -100,8 +103,6 @@ class PageCaptioner:
                                 max_new_tokens[i])
             groups.setdefault((i if self.one_request_per_call else None, key), []).append(
                 (i, source))
-        if groups:
-            self.ready.wait()
         for (_, key), items in groups.items():
             found = caption_sources([s for _, s in items], self.model, self.tokenizer,
                                     self.processor, batch_size=len(items),

@@ -91,6 +91,11 @@ def _lean_gpt2(decoder):
 
     if not isinstance(decoder, GPT2LMHeadModel) or not decoder.config.add_cross_attention:
         return None
+    if getattr(decoder.config, "reorder_and_upcast_attn", False):
+        # fp16 training upcasts GPT-2's attention (train.py, upcast_decoder_attention), which
+        # _GPT2Step does not; the decoder's own forward keeps it, so samples and the scoring
+        # pass come from the same function.
+        return None
     return decoder.transformer
 
 
@@ -168,12 +173,21 @@ def draw(probs, u):
     uniform numbers `u` (N, 1) in [0, 1): token i when cdf[i-1] <= u * total < cdf[i], so
     token i with probability probs[i] and never a zero-probability token. The same
     distribution as torch.multinomial(probs, 1), which at 80 rows x 350 tokens took about
-    19x as long on this project's CPU machine (6.8 ms vs 0.36 ms each, under load)."""
+    19x as long on this project's CPU machine (6.8 ms vs 0.36 ms each, under load). The sum
+    runs in float64: in float32 over GPT-2's 50,257 tokens each token's mass is rounded to
+    the grid near the running total (~6e-8), which leaves some tail tokens undrawable (MPS
+    has no float64 and keeps float32)."""
     import torch
 
-    cdf = probs.cumsum(dim=-1)
+    cdf = probs.to(_draw_dtype(probs.device)).cumsum(-1)
     picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
     return picked.clamp_(max=probs.shape[-1] - 1)
+
+
+def _draw_dtype(device):
+    import torch
+
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 class _DecoderStep:
@@ -244,8 +258,10 @@ def generate_from_encoding(model, states, k, sample, return_log_probs=False, lea
             for position in range(max_new):
                 logits = step(tokens, position).float()
                 if sample:
-                    u = (torch.rand(len(active), 1, device=device) if uniforms is None
-                         else uniforms[active, position, None])
+                    # float64 uniforms (as draw's sum): float32's 2**-24 grid would round
+                    # every token's chance to a multiple of 6e-8
+                    u = (torch.rand(len(active), 1, device=device, dtype=_draw_dtype(device))
+                         if uniforms is None else uniforms[active, position, None])
                     tokens = draw(torch.softmax(logits, dim=-1), u)
                 else:
                     tokens = logits.argmax(dim=-1)

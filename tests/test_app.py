@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from types import SimpleNamespace
@@ -229,8 +230,16 @@ def test_queued_requests_share_a_generate_call_unless_int8(monkeypatch, tmp_path
     for i in range(3):
         paths.append(str(tmp_path / f"{i}.jpg"))
         open(paths[-1], "wb").write(b"x")
+    # The requests arrive while the model is still loading (app.py serves the page first):
+    # they wait, and are grouped by what the model attached then says.
+    answers = []
+    waiting = threading.Thread(target=lambda: answers.append(captioner(
+        paths, [3] * 3, [False] * 3, [1.0] * 3, [0.9] * 3, [16] * 3)))
+    waiting.start()
+    time.sleep(0.2)
+    assert waiting.is_alive() and not seen  # nothing captioned before the model is there
     captioner.attach(None, None, None, one_request_per_call=one_request_per_call)
-    captions, _, messages = captioner(paths, [3] * 3, [False] * 3, [1.0] * 3, [0.9] * 3,
-                                      [16] * 3)
+    waiting.join(timeout=10)
+    captions, _, messages = answers[0]
     assert seen == calls
     assert captions == [f"caption of {i}.jpg" for i in range(3)] and messages == [""] * 3

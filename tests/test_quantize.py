@@ -81,7 +81,7 @@ def test_int8_round_trip_quantizes_both_halves_and_keeps_eos_handling(tiny):
     assert captions == decode_captions(out, tiny.tokenizer)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
 def test_cross_attention_shared_over_beams_gives_the_same_generation(tiny, precision):
     """captioning/beamshare.py (load_captioner sets it in every mode): the same ids and beam
     scores as transformers' own cross-attention, for beam search, return sequences and
@@ -89,14 +89,12 @@ def test_cross_attention_shared_over_beams_gives_the_same_generation(tiny, preci
     from captioning.beamshare import share_cross_attention_over_beams
     from captioning.images import normalize_pixels
 
-    base = tiny.model().eval()
-    if precision == "int8":
-        base = quantize_int8(base)
+    base = apply_precision(tiny.model().eval(), precision)
     shared = share_cross_attention_over_beams(copy.deepcopy(base))
     assert list(shared.state_dict()) == list(base.state_dict())
     pixels = _batch(tiny, 4)
     pixels[1] = pixels[0]
-    norm = normalize_pixels(pixels, tiny.processor)
+    norm = normalize_pixels(pixels, tiny.processor).to(base.dtype)
     for kw in (dict(num_beams=3, max_new_tokens=8, num_return_sequences=2),
                dict(num_beams=3, max_new_tokens=8, min_new_tokens=8),
                dict(num_beams=1, max_new_tokens=6)):
@@ -104,6 +102,13 @@ def test_cross_attention_shared_over_beams_gives_the_same_generation(tiny, preci
             ref, out = (m.generate(pixel_values=norm, return_dict_in_generate=True,
                                    output_scores=True, **kw) for m in (base, shared))
         assert torch.equal(ref.sequences, out.sequences), kw
+        # ... and the shared path really ran, in every layer: the rows come in runs of
+        # 2 * beams (the duplicate pair), beams, beams, so groups of `beams` rows, one
+        # key/value set per image.
+        store = out.past_key_values.__dict__.get("_beam_shared_cross_kv")
+        assert store and len(store) == len(shared.decoder.transformer.h), kw
+        keys, _, group, _ = store[0]
+        assert group == kw["num_beams"] and keys.shape[0] == len(pixels), kw
         if kw["num_beams"] > 1:
             assert torch.allclose(ref.sequences_scores, out.sequences_scores, atol=1e-5), kw
 
