@@ -391,3 +391,12 @@ def test_scst_under_torchrun_two_processes(prepared, trained, tmp_path):
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any(k.startswith("decoder.") for k in changed), changed
+
+
+def test_lean_loop_steps_aside_for_gpt2_upcast_attention(tiny):
+    """fp16 training upcasts GPT-2's attention (train.py), which the hand-written step does
+    not do: then samples come from the decoder's own forward, as the scoring pass does."""
+    model = tiny.model()
+    assert scst._lean_gpt2(model.decoder) is not None
+    model.decoder.config.reorder_and_upcast_attn = True
+    assert scst._lean_gpt2(model.decoder) is None
