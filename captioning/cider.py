@@ -25,10 +25,10 @@ CACHE_VERSION = 1
 
 def ngram_counts(words, n=4):
     """Counter of every 1..n-gram of a token list (pycocoevalcap's precook)."""
-    counts = Counter()
+    grams = []
     for k in range(1, n + 1):
-        counts.update(zip(*[words[i:] for i in range(k)]))  # Counter's C loop: 2x faster
-    return counts
+        grams.extend(zip(*[words[i:] for i in range(k)]))
+    return Counter(grams)  # one pass of Counter's C loop: 1.7x faster than 4 updates
 
 
 def document_frequency(reference_sets, n=4):
@@ -74,11 +74,14 @@ class CiderD:
         2-grams (its `n == 1` is the 2-gram slot), i.e. max(words - 1, 0); kept, since the
         length penalty uses it."""
         vec, norms, length = {}, [0.0] * self.n, 0
+        known, idf = self._idf, self.idf
         for gram, tf in ngram_counts(words, self.n).items():
-            weight = float(tf) * self.idf(gram)
+            value = known.get(gram)
+            weight = float(tf) * (idf(gram) if value is None else value)
             vec[gram] = weight
-            norms[len(gram) - 1] += weight * weight
-            if len(gram) == 2:
+            k = len(gram) - 1
+            norms[k] += weight * weight
+            if k == 1:
                 length += tf
         return vec, [math.sqrt(x) for x in norms], length
 
@@ -89,9 +92,14 @@ class CiderD:
             vec, norm, length = self._vector(ref.split())
             for gram, weight in vec.items():
                 index.setdefault(gram, []).append((r, weight))
-            norms.append(norm)
+            norms.append(tuple(norm))
             lengths.append(length)
-        return ReferenceTable(index, norms, lengths)
+        # Tuples of numbers, not lists: Python's garbage collector stops tracking those after
+        # its first look, so a training run's thousands of tables do not slow every later
+        # collection (with lists, building the demo set's 949 tables took 650 us each
+        # instead of 230).
+        return ReferenceTable({gram: tuple(v) for gram, v in index.items()}, tuple(norms),
+                              tuple(lengths))
 
     def score(self, candidate, table):
         """CIDEr-D of one tokenised candidate against one image's ReferenceTable."""
