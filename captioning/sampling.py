@@ -184,7 +184,7 @@ def generate_from_encoding(model, states, k, sample, return_log_probs=False, lea
     was_training = model.training
     model.eval()  # sample the policy that evaluation uses (no dropout)
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             encoded = _to_decoder_width(model, states)
             if lean and lean_gpt2(model.decoder) is not None:
                 step = _GPT2Step(model.decoder, encoded, k, max_new)
@@ -228,8 +228,8 @@ def generate_from_encoding(model, states, k, sample, return_log_probs=False, lea
                     active, tokens, finished = active[keep], tokens[keep], finished[keep]
     finally:
         model.train(was_training)
-    ids = ids[:, :length]
-    return (ids, log_probs[:, :length]) if return_log_probs else ids
+    ids = ids[:, :length].clone()  # a normal tensor again: the scoring pass indexes with it
+    return (ids, log_probs[:, :length].clone()) if return_log_probs else ids
 
 
 def _to_decoder_width(model, states):
