@@ -56,28 +56,22 @@ class CiderD:
         self.df, self.n, self.sigma = df, n, sigma
         # pycocoevalcap: ref_len = log(number of images the frequencies were counted over).
         self.ref_len = math.log(float(num_documents))
-        self._idf = {}
+        # Every reference n-gram's idf, computed once (a dict as large as `df`): a lookup
+        # per n-gram when scoring. An n-gram never seen there counts as seen once
+        # (df 1: log 1 = 0).
+        self._idf = {gram: self.ref_len - math.log(max(1.0, count)) for gram, count in df.items()}
 
     def idf(self, gram):
-        # Kept only for n-grams of the references, so the cache never outgrows `df`; an
-        # n-gram never seen there counts as seen once (df 1: log 1 = 0), not stored.
-        value = self._idf.get(gram)
-        if value is None:
-            count = self.df.get(gram)
-            if count is None:
-                return self.ref_len
-            value = self._idf[gram] = self.ref_len - math.log(max(1.0, count))
-        return value
+        return self._idf.get(gram, self.ref_len)
 
     def _vector(self, words):
         """-> ({ngram: weight}, [norm per n], length). pycocoevalcap's `length` counts the
         2-grams (its `n == 1` is the 2-gram slot), i.e. max(words - 1, 0); kept, since the
         length penalty uses it."""
         vec, norms, length = {}, [0.0] * self.n, 0
-        known, idf = self._idf, self.idf
+        idf, unseen = self._idf.get, self.ref_len
         for gram, tf in ngram_counts(words, self.n).items():
-            value = known.get(gram)
-            weight = float(tf) * (idf(gram) if value is None else value)
+            weight = float(tf) * idf(gram, unseen)
             vec[gram] = weight
             k = len(gram) - 1
             norms[k] += weight * weight
