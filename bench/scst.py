@@ -10,7 +10,8 @@ in one run, on a trained demo-sized model and its data:
     python bench/scst.py [--data data/demo/processed] [--model data/demo/model]
 
 (`make demo` writes those two.) Each side: --warmup steps left out, then --steps timed,
-best of --repeats interleaved runs (this machine is shared and noisy). The SCST side is
+best of --repeats interleaved runs (this machine is shared and noisy; every run is printed
+too, so the spread behind the best is visible). The SCST side is
 timed twice per repeat: cold, with a reward whose per-image reference tables are empty,
 as in a run's first epoch, where each image's table is built on its first draw; and
 warm, with every table built before timing, as in later epochs (the time to build them
@@ -133,6 +134,12 @@ def main(argv=None):
     for name, sc in (("cold", cold), ("warm", warm)):
         print(f"SCST step at batch {args.batch_size} x {args.samples} samples, {name} reward "
               f"tables: {sc * 1000:8.1f} ms  -> {sc / ce:.2f}x the CE step (target <= 3x)")
+    # Every repeat, in the order run, so that a reader sees the spread behind the best-of.
+    for name in ("ce", "cold", "warm"):
+        print(f"  {name:4} runs (ms): " + " ".join(f"{t * 1000:.1f}" for t in results[name]))
+    ratios = sorted(c / e for c, e in zip(results["cold"], results["ce"]))
+    print(f"  cold/CE within each repeat: " + " ".join(f"{r:.2f}" for r in ratios)
+          + f" (median {ratios[len(ratios) // 2]:.2f})")
     print(f"SCST step at {args.reward_images} images x {args.samples} samples, cold tables: "
           f"{step * 1000:.1f} ms, of which reward {in_reward * 1000:.1f} ms "
           f"= {100 * in_reward / step:.1f}% (target < 10%)")
