@@ -9,19 +9,22 @@ step through transformers' own forward cost about 4x:
   over 80), so `_GPT2Step` calls the layers' weights directly (addmm, layer_norm, bmm)
   instead of going through the modules and their mask and cache machinery.
 - `sample_log_probs` is the one pass with gradients. The k samples of an image often share
-  their first words, and every caption ends at its own length, so it runs the decoder once
-  per distinct (image, prefix) and never over padding: a prefix tree. On the demo model after
+  their first words, and every caption ends at its own length, so it runs the decoder's
+  per-token layers once per distinct (image, prefix) and never over padding after EOS: a
+  prefix tree. (Attention runs over per-image slots, at most k x T of them, so its work
+  grows with k squared; at k = 5 and captions of ~10 tokens it is a small part of the pass.) On the demo model after
   10 CE epochs the distinct prefixes were 76 % of the sampled tokens and the sampled tokens
   75 % of the padded batch. After 200 SCST steps the samples agree more, and the share of
   distinct prefixes fell to 28 % (measured on 10 batches of 16 images x 5 samples).
   The cross-attention keys and values are computed once per image, not once per sample.
 
-Either path gives transformers' numbers (tests/test_scst.py compares distributions, log
+Either path gives transformers' numbers (tests/test_sampling.py compares distributions, log
 probabilities and gradients with the model's own forward). A decoder that is not GPT-2 with
 cross-attention, or GPT-2 with fp16's upcast attention, goes through its own forward.
 """
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -161,7 +164,7 @@ def _draw_dtype(device):
 
 def generate_from_encoding(model, states, k, sample, return_log_probs=False, lean=True,
                            uniforms=None):
-    """Captions from an encoding, under no_grad and in eval mode (no dropout): k samples per
+    """Captions from an encoding, under inference_mode and in eval mode (no dropout): k samples per
     image from the model's own distribution (`draw` from the softmax of the last logits:
     temperature 1, no top-k/top-p cut, no penalties), or with `sample=False` one
     greedy (argmax) caption per image. A plain loop over the decoder and its KV cache, the
@@ -240,24 +243,31 @@ def _to_decoder_width(model, states):
 
 # ----------------------------------------------------------------------------- scoring
 
-def sample_log_probs(model, states, ids, k, mask):
-    """log p of each sampled token (N, T) under `model` (possibly DDP-wrapped), the decoder
-    reading image i's encoding states[i] (B, P, H) for rows i*k .. i*k+k-1 of `ids` (N, T),
-    and 0 where `mask` (N, T: each row's tokens through its first EOS, a prefix) is False.
-    Gradients flow to the decoder and through `states`.
+def sample_log_probs(model, unwrapped, states, ids, k, mask):
+    """log p of each sampled token (N, T) under `model`, which is `unwrapped` itself or a
+    wrapper of it (DDP, DataParallel, ...), the decoder reading image i's encoding states[i]
+    (B, P, H) for rows i*k .. i*k+k-1 of `ids` (N, T), and 0 where `mask` (N, T: each row's
+    tokens through its first EOS, a prefix) is False. Gradients flow to the decoder and
+    through `states`. Eval mode only (the prefix-tree pass applies no dropout).
 
-    A GPT-2 decoder runs through `_prefix_tree_log_probs`, called as the wrapped module's
-    forward (so that DDP's forward arms its gradient all-reduce); anything else through
-    the model's own forward over the padded batch."""
+    A GPT-2 decoder, bare or under DDP, runs through `_prefix_tree_log_probs`, called as the
+    module's forward through `model` (so that DDP's forward arms its gradient all-reduce).
+    Anything else, and any other wrapper (DataParallel scatters the batch over devices; FSDP
+    gathers its weights in its forward), goes through the model's own forward over the
+    padded batch."""
     from torch.nn.parallel import DistributedDataParallel
 
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    if inner is model or isinstance(model, DistributedDataParallel):
-        if lean_gpt2(inner.decoder) is not None:
-            with _forward_replaced(inner, lambda s: _prefix_tree_log_probs(inner, s, ids, k, mask)):
-                return model(states)
-    start = torch.full((ids.shape[0], 1), inner.config.decoder_start_token_id, dtype=ids.dtype,
-                       device=ids.device)
+    bare_or_ddp = model is unwrapped or (isinstance(model, DistributedDataParallel)
+                                         and model.module is unwrapped)
+    if bare_or_ddp and lean_gpt2(unwrapped.decoder) is not None:
+        if unwrapped.training:
+            raise RuntimeError("sample_log_probs runs in eval mode (SCSTTrainer calls "
+                               "model.eval() around it): the prefix-tree pass has no dropout")
+        forward = functools.partial(_prefix_tree_log_probs, unwrapped, ids=ids, k=k, mask=mask)
+        with _forward_replaced(unwrapped, forward):
+            return model(states)
+    start = torch.full((ids.shape[0], 1), unwrapped.config.decoder_start_token_id,
+                       dtype=ids.dtype, device=ids.device)
     logits = model(encoder_outputs=(states.repeat_interleave(k, dim=0),),
                    decoder_input_ids=torch.cat([start, ids[:, :-1]], 1), use_cache=False).logits
     log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
@@ -298,22 +308,24 @@ def prefix_tree(ids, mask, k):
     depth by depth in torch."""
     lengths, rows = mask.sum(1).tolist(), ids.tolist()
     images = len(rows) // k
-    states, token, depth, image, slot, parent, reads = {}, [], [], [], [], [], []
+    state_of_prefix, token, depth, image, slot, parent, reads = {}, [], [], [], [], [], []
     used = [0] * images  # slots taken per image
     for i, (row, length) in enumerate(zip(rows, lengths)):
-        key, above = ("image", i // k), -1
-        for t in range(length):
-            state = states.get(key)
+        # A prefix is keyed by (its parent's state, its last token); the empty one by image.
+        key, parent_state = ("image", i // k), -1
+        for position in range(length):
+            state = state_of_prefix.get(key)
             if state is None:
-                state = states[key] = len(token)
-                token.append(row[t - 1] if t else -1)
-                depth.append(t)
+                state = state_of_prefix[key] = len(token)
+                token.append(row[position - 1] if position else -1)
+                depth.append(position)
                 image.append(i // k)
-                parent.append(above)
+                parent.append(parent_state)
                 slot.append(used[i // k])
                 used[i // k] += 1
             reads.append(state)
-            above, key = state, (state, row[t])
+            parent_state, key = state, (state, row[position])
+    # via numpy: torch.tensor on a Python list of a few thousand ints costs milliseconds
     token, depth, image, slot, parent, reads = (
         torch.from_numpy(np.array(v, dtype=np.int64))
         for v in (token, depth, image, slot, parent, reads))
@@ -332,25 +344,25 @@ def prefix_tree(ids, mask, k):
                                                       ("slot", slot))})
 
 
-def _prefix_tree_log_probs(model, states, ids, k, mask):
+def _prefix_tree_log_probs(model, states, *, ids, k, mask):
     """sample_log_probs for a GPT-2 decoder, over the prefix tree's distinct states: token
     embeddings, layer norms, projections, MLP and LM head run on the M states only; the
     attention puts them in per-image slots (B, size), self-attention masked to each
     state's ancestors, cross-attention to its image's keys/values (projected once per
     image). Dropout is not applied: the scoring pass runs in eval mode."""
     lm = model.decoder
-    t = lm.transformer
+    gpt2 = lm.transformer
     tree = prefix_tree(ids, mask, k)
     token = tree["token"].clamp(min=0)
     token = torch.where(tree["depth"] == 0, model.config.decoder_start_token_id, token)
-    h = F.embedding(token, t.wte.weight) + F.embedding(tree["depth"], t.wpe.weight)  # (M, C)
+    h = F.embedding(token, gpt2.wte.weight) + F.embedding(tree["depth"], gpt2.wpe.weight)  # (M, C)
     encoded = _to_decoder_width(model, states)
     images, size, width = encoded.shape[0], tree["size"], h.shape[1]
     where = tree["image"] * size + tree["slot"]  # each state's row in the (B * size) layout
     allowed = tree["ancestors"][:, None]  # (B, 1, size, size)
     act = _activation(lm)
 
-    for block in t.h:
+    for block in gpt2.h:
         attn, cross, mlp = block.attn, block.crossattention, block.mlp
         heads = attn.num_heads
         q, key, value = (_to_slots(x, where, images, size, heads)
@@ -364,7 +376,7 @@ def _prefix_tree_log_probs(model, states, ids, k, mask):
         h = h + cross.c_proj(_from_slots(out, where))
         inner = mlp.c_fc(block.ln_2(h))
         h = h + mlp.c_proj(act(inner) if act else mlp.act(inner))
-    log_probs = torch.log_softmax(lm.lm_head(t.ln_f(h)).float(), dim=-1)  # (M, V)
+    log_probs = torch.log_softmax(lm.lm_head(gpt2.ln_f(h)).float(), dim=-1)  # (M, V)
     picked = log_probs[tree["reads"], ids[mask]]
     return log_probs.new_zeros(ids.shape).masked_scatter(mask, picked)
 

@@ -13,7 +13,7 @@ summed over the sampled tokens and divided by the sampled-token count of the eff
   max_new_tokens) lacks the n-grams that end a reference and scores lower than the same
   words finished (tested).
 - Memory: the encoder runs once per image with gradients; sampling and the greedy baseline
-  read that encoding detached, under no_grad; the one forward pass with gradients is the
+  read that encoding detached, under inference_mode; the one forward pass with gradients is the
   decoder over the K samples, reading the same encoding (captioning/sampling.py: once per
   distinct prefix of an image's samples).
 - Rewards use pycocoevalcap's PTB rules in Python (scoring.ptb_tokenize without Java: no
@@ -160,7 +160,7 @@ class SCSTTrainer(CaptionTrainer):
         model.eval()
         try:
             with self.accelerator.autocast():
-                log_probs = sample_log_probs(model, states, ids, k, mask)
+                log_probs = sample_log_probs(model, unwrapped, states, ids, k, mask)
         finally:
             model.train()
         loss_sum = policy_loss_sum(log_probs, mask.float(), advantage)

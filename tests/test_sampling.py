@@ -158,34 +158,55 @@ def test_prefix_tree_shares_the_states_of_common_prefixes():
 
 def _shared_prefix_samples(model, states, k, eos, seed):
     """Sampled captions (varied lengths), then some rows made to repeat another row of the
-    same image whole or up to a point, as samples of a trained model do."""
+    same image whole or up to a point, as samples of a trained model do; the last row
+    never ends (no EOS within the length limit)."""
+    gen = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(states.shape[0] * k, model.generation_config.max_new_tokens,
-                          generator=torch.Generator().manual_seed(seed))
+                          generator=gen)
     ids = sampling.generate_from_encoding(model, states, k, sample=True, uniforms=uniforms)
+    ids = torch.cat([ids, torch.randint(eos + 2, eos + 30, (len(ids), 3), generator=gen)], 1)
     ids[1] = ids[0]                          # a repeated caption
     ids[2, :2] = ids[0, :2]                  # a shared start
     ids[k + 1, :1] = ids[k, :1]
     ids[ids == eos] = eos + 1                # no early ends in the copied parts...
-    ids[:, -1] = eos                         # ...then end each row at its own length
-    for row, length in enumerate(torch.randint(1, ids.shape[1], (len(ids),),
-                                               generator=torch.Generator().manual_seed(seed))):
-        ids[row, length:] = eos
+    for row, length in enumerate(torch.randint(1, ids.shape[1], (len(ids) - 1,), generator=gen)):
+        ids[row, length:] = eos              # ...then each row ends at its own length
     return ids
 
 
-def test_scoring_pass_equals_the_models_own_forward(tiny):
-    """The prefix-tree scoring pass against the model's own teacher-forced forward over the
-    padded, K-times repeated batch: the same log p of every sampled token (to 1e-5), 0
-    after a caption's EOS, and the same gradients of an advantage-weighted loss for every
-    weight and for the encoding (to 1e-4 relative), with fewer decoder states than tokens."""
-    model = _eos_biased(tiny, bias=-1.0, gain=3.0)
-    model.eval()
-    eos, k = tiny.tokenizer.eos_token_id, 4
-    base = torch.randn(3, 17, model.config.decoder.n_embd, generator=torch.Generator().manual_seed(0))
+def _scoring_case(tiny, case):
+    """-> (model in eval mode, its EOS id, encoder width, whether the prefix tree serves it)."""
+    if case in ("tree", "fallback", "dataparallel"):
+        model = _eos_biased(tiny, bias=-1.0, gain=3.0)
+        if case == "fallback":  # fp16 training's upcast attention: the model's own forward
+            model.decoder.config.reorder_and_upcast_attn = True
+        width, eos = model.config.encoder.hidden_size, tiny.tokenizer.eos_token_id
+    else:  # "projection": encoder wider than decoder, so enc_to_dec_proj sits between them
+        model, width, eos = _small_vision_gpt2(encoder_width=48), 48, 1
+    return model.eval(), eos, width, case in ("tree", "projection")
+
+
+@pytest.mark.parametrize("case", ["tree", "projection", "fallback", "dataparallel"])
+def test_scoring_pass_equals_the_models_own_forward(tiny, case, monkeypatch):
+    """sample_log_probs against the model's own teacher-forced forward over the padded,
+    K-times repeated batch: the same log p of every sampled token (to 1e-5), 0 after a
+    caption's EOS, and the same gradients of an advantage-weighted loss for every weight
+    and for the encoding (to 1e-4 relative). The prefix tree (fewer decoder states than
+    tokens) serves a bare GPT-2, also behind an encoder-to-decoder projection; GPT-2 with
+    upcast attention and a model under DataParallel go through their own forward."""
+    model, eos, width, tree_expected = _scoring_case(tiny, case)
+    k = 4
+    base = torch.randn(3, 17, width, generator=torch.Generator().manual_seed(0))
     ids = _shared_prefix_samples(model, base, k, eos, seed=3)
-    mask, _ = through_first_eos(ids, eos)
-    advantage = torch.randn(len(ids), 1, generator=torch.Generator().manual_seed(4))
+    mask, finished = through_first_eos(ids, eos)
+    assert not finished[-1] and finished[:-1].all() and len(set(mask.sum(1).tolist())) > 3
     assert len(sampling.prefix_tree(ids, mask, k)["token"]) < int(mask.sum())
+    advantage = torch.randn(len(ids), 1, generator=torch.Generator().manual_seed(4))
+    wrapped = torch.nn.DataParallel(model) if case == "dataparallel" else model
+    tree_calls = []
+    tree_pass = sampling._prefix_tree_log_probs
+    monkeypatch.setattr(sampling, "_prefix_tree_log_probs",
+                        lambda *a, **kw: tree_calls.append(1) or tree_pass(*a, **kw))
 
     def run(score):
         model.zero_grad()
@@ -202,7 +223,9 @@ def test_scoring_pass_equals_the_models_own_forward(tiny):
         return torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1) * mask
 
     theirs, their_grads, their_states = run(own_forward)
-    ours, our_grads, our_states = run(lambda s: sampling.sample_log_probs(model, s, ids, k, mask))
+    ours, our_grads, our_states = run(
+        lambda s: sampling.sample_log_probs(wrapped, model, s, ids, k, mask))
+    assert len(tree_calls) == tree_expected
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5)
     assert (ours[~mask] == 0).all() and (ours[mask] < 0).all()
     assert our_grads.keys() == their_grads.keys() and len(our_grads) > 20
@@ -213,7 +236,32 @@ def test_scoring_pass_equals_the_models_own_forward(tiny):
     assert float((our_states - their_states).norm()) <= 1e-4 * float(their_states.norm())
 
 
-def _small_vision_gpt2():
+def test_scoring_pass_under_bf16_autocast_stays_close(tiny):
+    """Mixed precision (SCSTTrainer wraps the pass in accelerate's autocast): the prefix tree
+    under CPU bf16 autocast against the model's own forward under the same autocast."""
+    model, eos, width, _ = _scoring_case(tiny, "tree")
+    base = torch.randn(3, 17, width, generator=torch.Generator().manual_seed(0))
+    ids = _shared_prefix_samples(model, base, 4, eos, seed=3)
+    mask, _ = through_first_eos(ids, eos)
+    start = torch.full((len(ids), 1), model.config.decoder_start_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = sampling.sample_log_probs(model, model, base, ids, 4, mask)
+        logits = model(encoder_outputs=(base.repeat_interleave(4, 0),),
+                       decoder_input_ids=torch.cat([start, ids[:, :-1]], 1)).logits
+    theirs = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1) * mask
+    assert ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=0.05, rtol=0.02)
+
+
+def test_scoring_pass_refuses_train_mode(tiny):
+    model = tiny.model().train()
+    ids = torch.tensor([[5, tiny.tokenizer.eos_token_id]])
+    mask, _ = through_first_eos(ids, tiny.tokenizer.eos_token_id)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        sampling.sample_log_probs(model, model, torch.randn(1, 17, 128), ids, 1, mask)
+
+
+def _small_vision_gpt2(encoder_width=32):
     """A ViT + GPT-2 small enough to start fast in a spawned process (seeded), its pooler
     frozen as train.py freezes it (DDP there runs with find_unused_parameters off)."""
     from transformers import (GPT2Config, ViTConfig, VisionEncoderDecoderConfig,
@@ -223,11 +271,13 @@ def _small_vision_gpt2():
 
     torch.manual_seed(0)
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-        ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
+        ViTConfig(image_size=32, patch_size=16, hidden_size=encoder_width, num_hidden_layers=1,
                   num_attention_heads=2, intermediate_size=64),
-        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=32))
+        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=32,
+                   bos_token_id=0, eos_token_id=1))
     config.decoder_start_token_id, config.eos_token_id, config.pad_token_id = 0, 1, 1
     model = VisionEncoderDecoderModel(config=config).eval()
+    model.generation_config.max_new_tokens = 12
     freeze(model)
     return model
 
@@ -245,7 +295,7 @@ def _rank_batch(rank):
 def _scoring_gradients(model, forward, rank):
     pixels, ids, mask = _rank_batch(rank)
     states = model.encoder(pixel_values=pixels).last_hidden_state
-    sampling.sample_log_probs(forward, states, ids, 3, mask).sum().backward()
+    sampling.sample_log_probs(forward, model, states, ids, 3, mask).sum().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
