@@ -21,6 +21,7 @@ reward < 10% of an SCST step at 50 images x 5 samples.
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -138,8 +139,8 @@ def main(argv=None):
     for name in ("ce", "cold", "warm"):
         print(f"  {name:4} runs (ms): " + " ".join(f"{t * 1000:.1f}" for t in results[name]))
     ratios = sorted(c / e for c, e in zip(results["cold"], results["ce"]))
-    print(f"  cold/CE within each repeat: " + " ".join(f"{r:.2f}" for r in ratios)
-          + f" (median {ratios[len(ratios) // 2]:.2f})")
+    print("  cold/CE within each repeat: " + " ".join(f"{r:.2f}" for r in ratios)
+          + f" (median {statistics.median(ratios):.2f})")
     print(f"SCST step at {args.reward_images} images x {args.samples} samples, cold tables: "
           f"{step * 1000:.1f} ms, of which reward {in_reward * 1000:.1f} ms "
           f"= {100 * in_reward / step:.1f}% (target < 10%)")
