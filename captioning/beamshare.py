@@ -55,12 +55,8 @@ def shared_cross_attention(inner, hidden_states, cache=None, attention_mask=None
     made_for = tuple(encoder_hidden_states.shape)
     if inner.layer_idx not in store or store[inner.layer_idx][3] != made_for:
         group = _group_size(encoder_hidden_states)
-        keys, values = inner.c_attn(encoder_hidden_states[::group].contiguous()).split(
-            inner.split_size, dim=2)
-        shape = (*keys.shape[:-1], inner.num_heads, inner.head_dim)  # (B, S, H, d)
-        store[inner.layer_idx] = (keys.view(shape).transpose(1, 2).contiguous(),
-                                  values.view(shape).transpose(1, 2).contiguous(), group,
-                                  made_for)
+        keys, values = cross_keys_values(inner, encoder_hidden_states[::group].contiguous())
+        store[inner.layer_idx] = (keys.contiguous(), values.contiguous(), group, made_for)
     keys, values, group, _ = store[inner.layer_idx]
     images = keys.shape[0]
     heads, dim = inner.num_heads, inner.head_dim
@@ -73,6 +69,15 @@ def shared_cross_attention(inner, hidden_states, cache=None, attention_mask=None
     out = out.view(images, heads, group, length, dim).permute(0, 2, 3, 1, 4)
     out = inner.c_proj(out.reshape(rows, length, width))
     return inner.resid_dropout(out), None
+
+
+def cross_keys_values(inner, encoder_states):
+    """A GPT-2 cross-attention module's keys and values for encoder states (B, S, C), each
+    (B, heads, S, head_dim): the projection GPT2Attention makes at its first step, done once
+    per image by the callers (this module for beams, captioning/sampling.py for SCST)."""
+    keys, values = inner.c_attn(encoder_states).split(inner.split_size, dim=2)
+    shape = (*keys.shape[:-1], inner.num_heads, inner.head_dim)  # (B, S, H, d)
+    return keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
 
 
 def _group_size(encoder_states):

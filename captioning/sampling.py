@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .beamshare import cross_keys_values
+
 
 def lean_gpt2(decoder):
     """The GPT-2 modules the hand-written passes run, or None when the decoder is something
@@ -77,8 +79,7 @@ class _GPT2Step:
         for block in t.h:
             attn, cross = block.attn, block.crossattention
             heads, dim = attn.num_heads, attn.head_dim
-            key, value = cross.c_attn(encoded).split(cross.split_size, dim=2)  # (B, P, C)
-            key, value = (x.view(*x.shape[:2], heads, dim).transpose(1, 2) for x in (key, value))
+            key, value = cross_keys_values(cross, encoded)  # (B, H, P, d), once per image
             if k > 1:
                 key, value = key.repeat_interleave(k, dim=0), value.repeat_interleave(k, dim=0)
             self.layers.append({
@@ -370,8 +371,7 @@ def _prefix_tree_log_probs(model, states, *, ids, k, mask):
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=allowed, scale=attn.scaling)
         h = h + attn.c_proj(_from_slots(out, where))
         q = _to_slots(cross.q_attn(block.ln_cross_attn(h)), where, images, size, heads)
-        key, value = cross.c_attn(encoded).split(width, dim=2)  # once per image
-        key, value = (x.view(images, -1, heads, attn.head_dim).transpose(1, 2) for x in (key, value))
+        key, value = cross_keys_values(cross, encoded)  # once per image
         out = F.scaled_dot_product_attention(q, key, value, scale=cross.scaling)
         h = h + cross.c_proj(_from_slots(out, where))
         inner = mlp.c_fc(block.ln_2(h))
