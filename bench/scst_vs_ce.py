@@ -2,7 +2,7 @@
 train CE for 10 epochs with the demo's settings, then continue from that model (--init_from)
 once by CE for 10 more epochs and once by SCST for the same time, and compare test CIDEr.
 
-    python bench/scst_vs_ce.py --ratio R [--seeds 1 2] [--out data/scst_vs_ce]
+    python bench/scst_vs_ce.py --ratio R [--seeds 1 2] [--out data/scst_vs_ce] [--start_epochs 10]
 
 "The same time" is set in steps, so that the load of a shared machine doesn't decide it:
 the SCST run gets round(CE steps / R) optimizer steps, R being the SCST/CE step-time ratio
@@ -20,6 +20,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from captioning.shapes import attribute_accuracy  # noqa: E402
 DEMO = ["--batch_size", "16", "--lr", "1e-3", "--warmup_steps", "50", "--logging_steps", "100",
         "--quiet"]
 
@@ -34,8 +36,18 @@ def train(out, runs, *extra):
         began = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         print(f"  {time.time() - began:.0f} s wall", flush=True)
-    with open(metrics, encoding="utf-8") as f:
+    return read_json(metrics)
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def position(out):
+    """The share of the run's test captions that name the image's position, as 0.xx."""
+    acc = attribute_accuracy(read_json(os.path.join(out, "test_predictions.json")))
+    return f"{acc['position']:.2f}"
 
 
 def main(argv=None):
@@ -44,7 +56,10 @@ def main(argv=None):
                    help="SCST step time / CE step time, from bench/scst.py")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds, one run each")
     p.add_argument("--out", default="data/scst_vs_ce", help="where data and models go")
-    p.add_argument("--epochs", type=int, default=10, help="CE epochs, before and after")
+    p.add_argument("--epochs", type=int, default=10, help="CE epochs of the continuation")
+    p.add_argument("--start_epochs", type=int, default=None,
+                   help="CE epochs of the start model (default: --epochs; the issue's check "
+                        "uses 10, the demo trains 40)")
     p.add_argument("--scst_args", nargs=argparse.REMAINDER, default=[],
                    help="extra train.py options for the SCST run (e.g. --lr 1e-4)")
     args = p.parse_args(argv)
@@ -55,29 +70,34 @@ def main(argv=None):
                         "--save_path", data, "--encoder_model", "tiny", "--decoder_model",
                         "tiny", "--val_size", "50", "--test_size", "100", "--overwrite",
                         "--quiet"], check=True)
+    start_epochs = args.start_epochs or args.epochs
     tag = "scst" + "".join(a.strip("-").replace("scst_", "") for a in args.scst_args)
     rows = []
     for seed in args.seeds:
         common = ["--data_path", data, "--seed", str(seed)]
-        base = os.path.join(args.out, f"ce{args.epochs}_s{seed}")
-        train(base, runs, *common, *DEMO, "--epochs", str(args.epochs))
-        ce = train(os.path.join(args.out, f"ce{args.epochs}+ce{args.epochs}_s{seed}"), runs,
-                   *common, *DEMO, "--epochs", str(args.epochs), "--init_from", base)
+        base = os.path.join(args.out, f"ce{start_epochs}_s{seed}")
+        train(base, runs, *common, *DEMO, "--epochs", str(start_epochs))
+        ce_dir = os.path.join(args.out, f"ce{start_epochs}+ce{args.epochs}_s{seed}")
+        ce = train(ce_dir, runs, *common, *DEMO, "--epochs", str(args.epochs),
+                   "--init_from", base)
         steps = max(10, round(ce["train"]["global_step"] / args.ratio))
-        sc = train(os.path.join(args.out, f"ce{args.epochs}+{tag}{steps}_s{seed}"), runs,
-                   *common, "--batch_size", "16", "--logging_steps", "20", "--quiet",
-                   "--init_from", base, "--scst", "--max_steps", str(steps),
+        sc_dir = os.path.join(args.out, f"ce{start_epochs}+{tag}{steps}_s{seed}")
+        sc = train(sc_dir, runs, *common, "--batch_size", "16", "--logging_steps", "20",
+                   "--quiet", "--init_from", base, "--scst", "--max_steps", str(steps),
                    "--save_steps", str(max(1, steps // 10)), *args.scst_args)
-        start = json.load(open(os.path.join(base, "metrics.json")))["test"]["cider"]
-        rows.append((seed, start, ce, sc, steps))
-    print(f"\n| seed | CE {args.epochs} ep: test CIDEr | + CE {args.epochs} ep | wall s | "
-          f"+ SCST ({tag}) | steps | wall s |")
+        rows.append((seed, base, ce_dir, ce, sc_dir, sc, steps))
+    # Test CIDEr, and beside it the share of test captions that name the image's position
+    # (colour and shape are right in 96-100 % of them from 10 epochs on): what separates a
+    # model that learnt to see from one that learnt to word its guesses well.
+    print(f"\n| seed | CE {start_epochs} ep: test CIDEr (position) | + CE {args.epochs} ep | "
+          f"wall s | + SCST ({tag}) | steps | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for seed, start, ce, sc, steps in rows:
-        print(f"| {seed} | {start:.3f} | {ce['test']['cider']:.3f} | "
-              f"{ce['train']['train_runtime']:.0f} | {sc['test']['cider']:.3f} | {steps} | "
+    for seed, base, ce_dir, ce, sc_dir, sc, steps in rows:
+        start = read_json(os.path.join(base, "metrics.json"))["test"]["cider"]
+        print(f"| {seed} | {start:.3f} ({position(base)}) | {ce['test']['cider']:.3f} "
+              f"({position(ce_dir)}) | {ce['train']['train_runtime']:.0f} | "
+              f"{sc['test']['cider']:.3f} ({position(sc_dir)}) | {steps} | "
               f"{sc['train']['train_runtime']:.0f} |")
-
 
 if __name__ == "__main__":
     main()

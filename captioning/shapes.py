@@ -76,3 +76,31 @@ def make_shapes_coco(root, num_train=1000, num_val=300, seed=0):
                                     "caption": template.format(color=color, shape=shape, pos=pos)})
         with open(os.path.join(root, "annotations", f"captions_{split}.json"), "w") as f:
             json.dump({"images": images, "annotations": annotations}, f)
+
+
+def caption_attributes(caption):
+    """-> (colour, shape, position) named in a caption of this set, each None where the
+    caption names none or more than one. What a test CIDEr alone hides: whether a model
+    sees the image (colour, shape, position) or only words it better."""
+    text = " ".join(caption.lower().replace(",", " ").replace(".", " ").split())
+
+    def one(names):
+        found = [n for n in names if f" {n} " in f" {text} "]
+        return found[0] if len(found) == 1 else None
+
+    return one(COLORS), one(SHAPES), one(POSITIONS)
+
+
+def attribute_accuracy(predictions):
+    """train.py's test_predictions.json rows ({caption, references}) -> the share of
+    captions that name the image's colour, shape, position, and all three, each read from
+    the image's first reference."""
+    hits = [0, 0, 0, 0]
+    for row in predictions:
+        truth = caption_attributes(row["references"][0])
+        said = caption_attributes(row["caption"])
+        right = [t is not None and t == s for t, s in zip(truth, said)]
+        for i, ok in enumerate(right + [all(right)]):
+            hits[i] += ok
+    n = max(len(predictions), 1)
+    return dict(zip(("color", "shape", "position", "all"), (h / n for h in hits)))
