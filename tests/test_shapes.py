@@ -20,10 +20,22 @@ def test_ambiguous_or_missing_attributes_read_as_none():
 
 
 def test_attribute_accuracy_counts_each_attribute_and_all_three():
-    refs = ["a red circle in the top left", "A red circle sits in the top left."]
+    # The truth is the first reference: the second one differs, and a caption matching it
+    # scores nothing for the attributes where it does.
+    refs = ["a red circle in the top left", "A blue square sits in the center."]
     rows = [{"caption": "there is a red circle in the top left.", "references": refs},
             {"caption": "a red square in the top left", "references": refs},
             {"caption": "a red circle in the bottom right", "references": refs},
-            {"caption": "a circle", "references": refs}]
+            {"caption": "a circle", "references": refs},
+            {"caption": "a blue square in the center", "references": refs}]
     acc = attribute_accuracy(rows)
-    assert acc == {"color": 0.75, "shape": 0.75, "position": 0.5, "all": 0.25}
+    assert acc == {"color": 0.6, "shape": 0.6, "position": 0.4, "all": 0.2}
+
+
+def test_an_attribute_nobody_can_read_is_never_right():
+    """A reference that names two colours and a caption that names none both read as None:
+    that must count as wrong, not as a match."""
+    rows = [{"caption": "a circle in the top left",
+             "references": ["a red blue circle in the top left"]}]
+    assert attribute_accuracy(rows) == {"color": 0.0, "shape": 1.0, "position": 1.0,
+                                        "all": 0.0}
