@@ -81,6 +81,121 @@ def test_int8_round_trip_quantizes_both_halves_and_keeps_eos_handling(tiny):
     assert captions == decode_captions(out, tiny.tokenizer)
 
 
+def _int8_layer_error(qconfig, linear_class, engine, x, linear):
+    from torch.ao.quantization import quantize_dynamic
+
+    from captioning.quantize import _quantized_engine
+
+    with _quantized_engine(engine):
+        q = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: qconfig},
+                             dtype=torch.qint8, mapping={torch.nn.Linear: linear_class})[0]
+    with torch.no_grad():
+        want = linear(x)
+        return float((q(x) - want).norm() / want.norm())
+
+
+_SCHEME_CHECK = r"""
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from tests.test_quantize import _int8_layer_error
+from captioning.quantize import Int8Linear, int8_scheme
+from torch.ao.quantization import per_channel_dynamic_qconfig
+torch.manual_seed(0)
+out = {{}}
+for engine in ("x86", "onednn"):
+    qconfig, linear_class, per_image_class = int8_scheme(engine)
+    # A GPT-2-sized layer whose weights reach their row's largest value everywhere and whose
+    # activations sit near the top of their range: where a saturating kernel goes wrong.
+    linear = torch.nn.Linear(768, 256)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randint(0, 2, (256, 768)) * 2.0 - 1)
+    worst = torch.rand(8, 768) * 0.1 + 0.9
+    typical = torch.randn(24, 768)
+    out[engine] = dict(
+        weight_max=qconfig.weight.p.keywords.get("quant_max", 127),
+        reduce_range=linear_class.reduce_range, per_image=per_image_class.per_image,
+        worst=_int8_layer_error(qconfig, linear_class, engine, worst, linear),
+        typical=_int8_layer_error(qconfig, linear_class, engine, typical, linear),
+        torch_typical=_int8_layer_error(per_channel_dynamic_qconfig, Int8Linear, engine,
+                                        typical, linear))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("forced_avx2", [False, True])
+def test_int8_scheme_is_exact_on_this_kernel_and_beats_torchs(forced_avx2):
+    """int8_scheme measures what the CPU's kernels compute exactly. Under
+    FBGEMM_ENABLE_INSTRUCTIONS=AVX2 / ONEDNN_MAX_CPU_ISA=AVX2 (16-bit pair sums, whatever the
+    CPU) it must take 7-bit weights with 8-bit activations; natively, whatever it takes must
+    not saturate on a worst-case layer, and on a typical one must beat torch's own 8/7 split."""
+    import json
+    import subprocess
+
+    if "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no x86 quantized engine")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    if forced_avx2:
+        env.update(FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    done = subprocess.run([sys.executable, "-c", _SCHEME_CHECK.format(root=root)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for engine, got in json.loads(done.stdout.strip().splitlines()[-1]).items():
+        assert got["per_image"], engine
+        if forced_avx2:
+            assert (got["weight_max"], got["reduce_range"]) == (63, False), (engine, got)
+        assert got["worst"] < 0.02, (engine, got)  # saturation is off by tens of percent
+        if not got["reduce_range"]:
+            assert got["typical"] < 0.8 * got["torch_typical"], (engine, got)
+
+
+def test_int8_encoder_states_do_not_depend_on_the_batch(tiny):
+    """Per-image activation scales in the encoder and cross-attention keys/values: an image's
+    int8 encoding is bit-for-bit the same alone and beside a much brighter image, where one
+    scale per call (torch's default module) changes it."""
+    from captioning.images import normalize_pixels
+    from captioning.quantize import PerImageInt8Linear
+
+    q = quantize_int8(tiny.model().eval())
+    assert any(isinstance(m, PerImageInt8Linear) or m.per_image for m in q.encoder.modules()
+               if hasattr(m, "per_image"))
+    pixels = _batch(tiny, 2)
+    pixels[1] = 255 - pixels[1] // 8  # a bright, low-contrast neighbour
+    norm = normalize_pixels(pixels, tiny.processor)
+    with torch.inference_mode():
+        alone = q.encoder(pixel_values=norm[:1]).last_hidden_state
+        beside = q.encoder(pixel_values=norm).last_hidden_state[:1]
+        assert torch.equal(alone, beside)
+        for m in q.encoder.modules():  # the same model with one scale per call
+            if hasattr(m, "per_image"):
+                m.per_image = False
+        alone = q.encoder(pixel_values=norm[:1]).last_hidden_state
+        beside = q.encoder(pixel_values=norm).last_hidden_state[:1]
+    assert not torch.equal(alone, beside), "the neighbour never mattered: the test shows nothing"
+
+
+def test_int8_head_top_logits_are_fp32s(tiny):
+    """ExactTopLogits: each row's 16 largest int8 logits are recomputed from the fp32 weight,
+    so greedy and beam choices among them are fp32's; the rest stay int8."""
+    from captioning.quantize import ExactTopLogits
+
+    model = tiny.model().eval()
+    head = model.decoder.get_output_embeddings()
+    q = quantize_int8(copy.deepcopy(model))
+    exact = q.decoder.get_output_embeddings()
+    assert isinstance(exact, ExactTopLogits)
+    assert exact.weight is q.decoder.get_input_embeddings().weight  # tied: no extra memory
+    hidden = torch.randn(2, 5, head.in_features) * 3
+    with torch.no_grad():
+        want, got, int8 = head(hidden), exact(hidden), exact.int8_head(hidden)
+    top = int8.topk(exact.k, dim=-1).indices
+    assert torch.allclose(got.gather(-1, top), want.gather(-1, top), atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    rest = torch.ones_like(got, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.equal(got[rest], int8[rest])
+    assert not torch.allclose(int8.gather(-1, top), want.gather(-1, top), atol=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
 def test_cross_attention_shared_over_beams_gives_the_same_generation(tiny, precision):
     """captioning/beamshare.py (load_captioner sets it in every mode): the same ids and beam
@@ -90,7 +205,10 @@ def test_cross_attention_shared_over_beams_gives_the_same_generation(tiny, preci
     from captioning.images import normalize_pixels
 
     base = apply_precision(tiny.model().eval(), precision)
-    shared = share_cross_attention_over_beams(copy.deepcopy(base))
+    # Each side quantized from the fp32 model, as load_captioner does it: a deepcopy of an int8
+    # model is not the same model, since torch's quantized Linear.__deepcopy__ repacks its
+    # weight for the engine current at the copy (fbgemm), not the one it was packed for.
+    shared = apply_precision(share_cross_attention_over_beams(tiny.model().eval()), precision)
     assert list(shared.state_dict()) == list(base.state_dict())
     pixels = _batch(tiny, 4)
     pixels[1] = pixels[0]
@@ -163,7 +281,9 @@ def test_auto_mode_meets_the_quality_bar_on_the_demo_model():
     """The issue's quality bar is set on the demo model itself (make demo's output), so this
     runs after `make demo` (`make check-demo`, which .ci/run calls), not inside make test:
     a model trained for less (400 images, 12 epochs) had int8 at 94% identical, and training
-    one in make test costs minutes. Prints every mode's figures; asserts the bar for the mode
+    one in make test costs minutes. The model make demo trains differs between machines (CI's
+    had 94% under the int8 before int8_scheme, per-image scales and the exact head; this
+    machine's 92%): bench/int8_quality.py measures the margin on four demo-recipe models. Prints every mode's figures; asserts the bar for the mode
     auto picks on a CPU: >= 95% of test captions identical to fp32's, CIDEr within 2%."""
     from captioning.quantize import agreement_with_fp32
 
