@@ -75,8 +75,9 @@ def parse_args(argv):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                    help="fp32: the model as trained, the reference. int8 (CPU only): every "
                         "linear layer of encoder and decoder dynamically quantized (int8 "
-                        "weights, a scale per output channel, 8-bit activations with a scale "
-                        "per image in the encoder; the LM head's top logits exact); demo "
+                        "weights, 7-bit on AVX2, a scale per output channel; 8-bit "
+                        "activations, scaled per image in the encoder and cross-attention "
+                        "keys/values; the LM head's top logits exact); demo "
                         "model: 98%% of test captions identical to fp32's, CIDEr 0.998x; a "
                         "caption can still depend on the other images of its batch through "
                         "the decoder's steps. bf16: weights in bfloat16; demo model 90%% "

@@ -87,9 +87,9 @@ def main(argv=None):
                    "--save_steps", str(max(1, steps // 10)), *args.scst_args)
         rows.append((seed, base, ce_dir, ce, sc_dir, sc, steps))
     # Test CIDEr, and beside it the share of test captions that name the image's position
-    # (in the README's main runs colour was right in 100 % of them and shape in 95-100 %
-    # from 10 epochs on): what separates a model that learnt to see from one that learnt to
-    # word its guesses well.
+    # (colour and shape, which captioning.shapes.attribute_accuracy also returns, were
+    # mostly right from 10 epochs on in the README's runs): what separates a model that
+    # learnt to see from one that learnt to word its guesses well.
     print(f"\n| seed | CE {start_epochs} ep: test CIDEr (position) | + CE {args.epochs} ep "
           f"(position) | wall s | + SCST ({tag}) (position) | steps | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

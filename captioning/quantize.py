@@ -6,9 +6,10 @@ module reuses it for GPUs and adds the CPU modes.
     bf16  weights in bfloat16 (on GPUs; on CPUs without native bf16 it is emulated and slow)
     fp16  GPUs older than Ampere only, picked by auto the way training picks it
     int8  dynamic quantization of every linear layer of encoder and decoder (CPU only):
-          int8 weights with one scale per output channel, activations quantized per batch
-          on the fly (8 bits where the kernel allows, else 7); oneDNN's kernel for the
-          many-row layers, fbgemm's for the rest; the LM head's top logits recomputed in fp32
+          int8 weights (7-bit on AVX2) with one scale per output channel, uint8 activations
+          quantized on the fly, per call or per image (int8_scheme, Int8Linear); oneDNN's
+          kernel for the many-row layers, fbgemm's for the rest; the LM head's top logits
+          recomputed in fp32 (ExactTopLogits)
 """
 
 import torch
@@ -78,12 +79,13 @@ def quantize_int8(model):
     the test captions identical to fp32's from 89% to 97% (CIDEr 0.995x -> 0.999x fp32's) at
     the same speed; a per-matrix scale is set by the matrix's largest weight, which costs the
     LM head's small logit differences (bench/cpu.py --quality prints these figures).
-    Activations get all 8 bits where the CPU's kernel multiplies them without saturating
-    (full_range_is_exact), 7 bits elsewhere (torch's fixed choice), and the layers that see
-    whole images (the encoder, the cross-attention keys/values) one scale per image, so that
-    the batch an image is captioned in changes only the decoder's steps (Int8Linear).
-    On the demo model (600 images, batch 32) the three took the captions identical to
-    fp32's from 95.7% to 98.5% (tests/test_quantize.py and bench/cpu.py give the figures)."""
+    Activations get all 8 bits wherever a probe shows the CPU's kernel multiplies them
+    without saturating (int8_scheme: 8-bit weights on VNNI/AMX, 7-bit on AVX2), and the
+    layers that see whole images (the encoder, the cross-attention keys/values) one scale
+    per image, so that the batch an image is captioned in changes only the decoder's steps
+    (Int8Linear). On make demo's model these and ExactTopLogits took the test captions
+    identical to fp32's from 92% to 98% (`python bench/int8_quality.py` prints the figures,
+    for four models and both kernel sets)."""
     import warnings
 
     conv1d_to_linear(model)
@@ -122,17 +124,21 @@ def quantize_int8(model):
 
 class Int8Linear(DynamicLinear):
     """torch's dynamic int8 Linear with two choices made by the class, so that they survive
-    the copies torch's __deepcopy__ rebuilds from the weights:
+    the copies torch's __deepcopy__ rebuilds from the weights (a copy is repacked for the
+    engine current then, so copy an int8 model only where that is the engine it was built
+    under; load_captioner quantizes each process's own model instead):
 
     reduce_range  torch's own module always passes True: activations quantized to 7 bits, so
                   that the AVX2 kernel's 16-bit sums of two uint8 x int8 products cannot
                   saturate. False (all 8 bits) is for kernels that add in 32 bits (VNNI,
-                  AMX; full_range_is_exact): half the quantization error.
+                  AMX) or for 7-bit weights on AVX2 (int8_scheme): half the activations'
+                  quantization error.
     per_image     an activation scale per image (dim 0 of a batch x tokens x features
                   input) instead of one per call, so that an image's encoding no longer
                   depends on the other images in its batch: for the encoder and the
                   cross-attention keys/values, whose calls hold whole images (197 rows each
-                  at ViT-B/16), so a call per image costs little."""
+                  at ViT-B/16). The calls per image cost about 10 % of an int8 generate
+                  call at batch 8 (README, *int8's precision*)."""
 
     reduce_range = True
     per_image = False
@@ -169,12 +175,12 @@ def int8_scheme(engine):
     8-bit weights, 8-bit activations  where the kernel adds uint8 x int8 products in 32 bits
                                       (VNNI, AMX)
     7-bit weights, 8-bit activations  AVX2: its 16-bit sums of two products stay below 32,767
-                                      (2 x 255 x 63 = 32,130). On four demo models, 600
-                                      images each, this beat torch's 8/7 split (98.0-99.5%
-                                      of captions identical to fp32's against 97.0-99.0%)
-                                      and matched 8/8 (98.0-99.7%): the activations were the
-                                      larger error (8-bit weights with fp32 activations:
-                                      99.8% with an fp32 head)
+                                      (2 x 255 x 63 = 32,130). On the demo models it beats
+                                      torch's 8/7 split (bench/int8_quality.py --schemes
+                                      auto torch): there the activations are the larger
+                                      error. Not a general rule: on a layer whose rows'
+                                      scales are set by a few outlier weights, 7-bit
+                                      weights cost more than 7-bit activations do
     8-bit weights, 7-bit activations  torch's own choice, if neither measures exact
     """
     if engine not in _SCHEMES:
@@ -209,7 +215,7 @@ def full_range_is_exact(engine, qconfig):
     half; rounding alone is off by under 1%."""
     from torch.ao.quantization import quantize_dynamic
 
-    linear = torch.nn.Linear(256, 4, bias=False)
+    linear = torch.nn.utils.skip_init(torch.nn.Linear, 256, 4, bias=False)  # no RNG draw
     with torch.no_grad():
         linear.weight.fill_(1.0)
         linear.weight[1::2] *= -1
@@ -231,8 +237,10 @@ class ExactTopLogits(torch.nn.Module):
     near ties there are where int8 changed captions: the int8 head alone changed 4% of the
     demo model's captions (600 images), with this none. The other logits (which only enter
     the softmax's normaliser) stay int8. GPT-2's head weight is its input embedding matrix,
-    which stays fp32 anyway, so this costs no memory; per step it costs a top-k and
-    k x hidden multiply-adds a row."""
+    which stays fp32 anyway, so this costs no memory there (an untied head keeps its fp32
+    weight alive); per step it costs a top-k and k x hidden multiply-adds a row. Beam search
+    ranks 2 x num_beams candidates a step, so from --num_beams 9 on (k = 16) some of those
+    are int8 logits."""
 
     def __init__(self, int8_head, weight, bias=None, k=16):
         super().__init__()
@@ -250,12 +258,11 @@ class ExactTopLogits(torch.nn.Module):
 
 def _many_row_linears(model):
     """(module, names of its linear layers or None for all) pairs covering the linear layers
-    that see many rows at once, each call whole images: the whole encoder, the projection to
-    the decoder's width where there is one, and each GPT-2 cross-attention's key/value
-    projection (c_attn)."""
+    that see many rows at once, each call whole images: the whole encoder and each GPT-2
+    cross-attention's key/value projection (c_attn). (enc_to_dec_proj, where the widths
+    differ, is left to the default: transformers applies it to every beam row at every
+    step, where a call per image would cost.)"""
     pairs = [(model.encoder, None)]
-    if getattr(model, "enc_to_dec_proj", None) is not None:
-        pairs.append((model, ["enc_to_dec_proj"]))
     for block in getattr(getattr(model.decoder, "transformer", None), "h", []):
         cross = getattr(block, "crossattention", None)
         if cross is not None and hasattr(cross, "c_attn"):
