@@ -78,12 +78,13 @@ def quantize_int8(model):
     Weights get one scale per output channel, not one per matrix: on the demo model that took
     the test captions identical to fp32's from 89% to 97% (CIDEr 0.995x -> 0.999x fp32's) at
     the same speed; a per-matrix scale is set by the matrix's largest weight, which costs the
-    LM head's small logit differences (bench/cpu.py --quality prints these figures).
+    LM head's small logit differences (README, *CPU precision*: 89% identical, 0.9946x).
     Activations get all 8 bits wherever a probe shows the CPU's kernel multiplies them
     without saturating (int8_scheme: 8-bit weights on VNNI/AMX, 7-bit on AVX2), and the
     layers that see whole images (the encoder, the cross-attention keys/values) one scale
     per image, so that the batch an image is captioned in changes only the decoder's steps
-    (Int8Linear). On make demo's model these and ExactTopLogits took the test captions
+    (Int8Linear; where encoder and decoder widths differ, enc_to_dec_proj keeps one scale a
+    call). On make demo's model these and ExactTopLogits took the test captions
     identical to fp32's from 92% to 98% (`python bench/int8_quality.py` prints the figures,
     for four models and both kernel sets)."""
     import warnings
@@ -240,7 +241,8 @@ class ExactTopLogits(torch.nn.Module):
     which stays fp32 anyway, so this costs no memory there (an untied head keeps its fp32
     weight alive); per step it costs a top-k and k x hidden multiply-adds a row. Beam search
     ranks 2 x num_beams candidates a step, so from --num_beams 9 on (k = 16) some of those
-    are int8 logits."""
+    are int8 logits; so can be, with fewer beams, candidates that logits processors
+    (bad_words_ids, no_repeat_ngram_size) push below the int8 top 16."""
 
     def __init__(self, int8_head, weight, bias=None, k=16):
         super().__init__()

@@ -110,7 +110,9 @@ for engine in ("x86", "onednn"):
     with torch.no_grad():
         worst_layer.weight.copy_(torch.randint(0, 2, (256, 768)) * 2.0 - 1)
     worst = torch.rand(8, 768) * 0.1 + 0.9
-    typical_layer, typical = torch.nn.Linear(768, 256), torch.randn(24, 768)  # Gaussian-ish
+    typical_layer, typical = torch.nn.Linear(768, 256), torch.randn(24, 768)
+    with torch.no_grad():
+        typical_layer.weight.normal_(0, 0.02)  # Gaussian, GPT-2's init scale
     out[engine] = dict(
         weight_max=qconfig.weight.p.keywords.get("quant_max", 127),
         reduce_range=linear_class.reduce_range, per_image=per_image_class.per_image,
@@ -154,7 +156,10 @@ def test_int8_scheme_is_exact_on_this_kernel_and_beats_torchs(forced_avx2):
         eight_bit_exact = got["worst_8_8"] < 0.02  # saturation is off by tens of percent
         assert (got["weight_max"] == 127) == eight_bit_exact, (engine, got)
         assert got["worst"] < 0.02, (engine, got)
-        if got["weight_max"] == 127 and not got["reduce_range"]:
+        # On x86 one of the two probes always passes (7-bit weights are exact on AVX2), so
+        # the activations always get 8 bits; with 8-bit weights that must show on a layer.
+        assert not got["reduce_range"], (engine, got)
+        if eight_bit_exact:
             assert got["typical"] < 0.8 * got["torch_typical"], (engine, got)
 
 
