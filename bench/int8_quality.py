@@ -21,8 +21,9 @@ Each is measured in child processes: with this CPU's kernels and with
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 (the kernels of a CPU without VNNI:
 16-bit pair sums), and for each --schemes entry: auto is captioning.quantize.int8_scheme's
 choice, torch is torch's own split (8-bit weights, 7-bit activations) with the other
-refinements (per-image scales, exact top logits) kept. Captions are made at batch 32 per
-split (agreement_with_fp32's batch), beam 3, the model's generation config.
+refinements (per-image scales, exact top logits) kept. Each split is captioned by
+captioning.quantize.agreement_with_fp32 (batch 32, the model's generation config: beam 3),
+as make check-demo's test does.
 """
 
 import argparse
@@ -42,11 +43,7 @@ SPLITS = (("test", None), ("validation", None), ("train", 450))
 
 def measure(model_dirs, data_dir, scheme):
     """In this process: ({model dir: [share identical per split]}, the int8 scheme in words)."""
-    import numpy as np
-
     from captioning import quantize
-    from captioning.captioner import caption_pixels, load_captioner
-    from captioning.store import load_split
 
     if scheme == "torch":  # torch's split for every engine, the rest unchanged
         from torch.ao.quantization import per_channel_dynamic_qconfig
@@ -54,17 +51,9 @@ def measure(model_dirs, data_dir, scheme):
         for engine in ("x86", "onednn"):
             quantize._SCHEMES[engine] = (per_channel_dynamic_qconfig, quantize.Int8Linear,
                                          quantize.PerImageInt8Linear)
-    splits = [np.stack(list(load_split(data_dir, name)["pixel_values"][:limit]))
-              for name, limit in SPLITS]
-    result = {}
-    for model_dir in model_dirs:
-        captions = {}
-        for mode in ("fp32", "int8"):
-            model, tokenizer, processor = load_captioner(model_dir, "cpu", mode)
-            captions[mode] = [[c for first in range(0, len(pixels), 32) for c in caption_pixels(
-                pixels[first:first + 32], model, tokenizer, processor)] for pixels in splits]
-        result[model_dir] = [float(np.mean([a == b for a, b in zip(got, want)]))
-                             for got, want in zip(captions["int8"], captions["fp32"])]
+    result = {model_dir: [quantize.agreement_with_fp32(model_dir, data_dir, ["int8"],
+                                                       split=name, limit=limit)["int8"][0]
+                          for name, limit in SPLITS] for model_dir in model_dirs}
     if not hasattr(quantize, "int8_scheme"):  # 6bf263b's quantize.py, for a before/after run
         return result, "torch's dynamic quantization (8-bit weights, 7-bit activations)"
     words = {}

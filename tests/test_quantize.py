@@ -304,8 +304,9 @@ def test_auto_mode_meets_the_quality_bar_on_the_demo_model():
     a model trained for less (400 images, 12 epochs) had int8 at 94% identical, and training
     one in make test costs minutes. The model make demo trains differs between machines (CI's
     had 94% under the int8 before int8_scheme, per-image scales and the exact head; this
-    machine's 92%): bench/int8_quality.py measures the margin on four demo-recipe models. Prints every mode's figures; asserts the bar for the mode
-    auto picks on a CPU: >= 95% of test captions identical to fp32's, CIDEr within 2%."""
+    machine's 92%): bench/int8_quality.py measures the margin on four demo-recipe models.
+    Prints every mode's figures; asserts the bar for the mode auto picks on a CPU: >= 95% of
+    test captions identical to fp32's, CIDEr within 2%."""
     from captioning.quantize import agreement_with_fp32
 
     model_dir, data_dir = os.path.join(DEMO_MODEL, "model"), os.path.join(DEMO_MODEL, "processed")
